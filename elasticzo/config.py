@@ -1,0 +1,105 @@
+"""All settings of a training run in one typed place; the CLI is generated from it.
+
+The resolved config is written to ``<run_dir>/config.json`` with every run, and ``--resume``
+checks that the saved config matches the requested one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+METHODS = ("bp", "zo", "elasticzo")
+PRECISIONS = ("fp32", "int8")
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = "lenet5"  # lenet5 | mlp
+    dataset: str = "mnist"  # mnist | fashion-mnist
+    method: str = "elasticzo"  # bp: all layers BP; zo: vanilla ZO; elasticzo: last --bp-layers in BP
+    bp_layers: int = 1  # ElasticZO split: the last K parametrised layers train with backprop
+    precision: str = "fp32"  # fp32 | int8 (integer-only ElasticZO-INT8)
+    # schedule
+    epochs: int = 5
+    batch_size: int = 64
+    schedule: str = "cosine"  # learning-rate schedule over all steps: constant | cosine
+    # ZO part (SPSA)
+    lr_zo: float = 1e-3
+    eps: float = 1e-3  # perturbation scale
+    queries: int = 1  # random directions per step
+    noise: str = "gaussian"  # gaussian | rademacher
+    grad_clip: float = 100.0  # bound on |projected gradient|; 0 disables
+    zo_weight_decay: float = 0.0
+    # BP part (SGD)
+    lr_bp: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    bp_grad: str = "mean"  # mean: average grads of the + and - passes; plus: + passes only
+    # int8 (ElasticZO-INT8)
+    int8_lr_bits: int = 5  # NITI learning rate as a bit width of the weight update
+    int8_zo_shift: int = 0  # extra right shift of the integer ZO update (larger = smaller steps)
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    data_root: str | None = None  # else $ELASTICZO_DATA, else ./data
+    download: bool = True  # fetch missing dataset files (checksummed)
+    train_limit: int = 0  # use only the first N training examples (0: all)
+    test_limit: int = 0  # use only the first N test examples (0: all)
+    run_dir: str = ""  # default: runs/<dataset>-<model>-<method>[-k<K>]-<precision>-s<seed>
+    resume: bool = False  # continue the run in run_dir from its last checkpoint
+    checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
+    progress: bool = True  # show a progress bar
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first bad value; returns self for chaining."""
+        choices = {"method": METHODS, "precision": PRECISIONS, "schedule": SCHEDULES,
+                   "noise": ("gaussian", "rademacher"), "bp_grad": ("mean", "plus"),
+                   "device": ("auto", "cpu", "cuda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        positive = ("epochs", "batch_size", "queries", "eps")
+        non_negative = ("bp_layers", "lr_zo", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
+                        "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")
+        for name in non_negative:
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"--momentum: must be in [0, 1), got {self.momentum!r}")
+        if not 1 <= self.int8_lr_bits <= 8:
+            raise ValueError(f"--int8-lr-bits: must be in 1..8, got {self.int8_lr_bits!r}")
+        return self
+
+    def default_run_dir(self) -> str:
+        split = f"-k{self.bp_layers}" if self.method == "elasticzo" else ""
+        return f"runs/{self.dataset}-{self.model}-{self.method}{split}-{self.precision}-s{self.seed}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        data = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown config keys {unknown}")
+        return cls(**data)
+
+
+# Settings that may differ between a run and its resumption without changing the result.
+RESUME_FREE = ("resume", "progress", "data_root", "download", "device", "run_dir", "checkpoint_every", "epochs")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,199 @@
+"""The training loop: epochs of learner steps, evaluation, metrics, seed log and checkpoints.
+
+Run directory layout::
+
+    config.json       the resolved TrainConfig
+    metrics.jsonl     one JSON object per epoch: epoch, test_acc, train_loss, epoch_seconds, ...
+    seeds.jsonl       one JSON object per step: step, epoch, loss, and the projected gradients g
+                      of its queries (with the run seed they replay the ZO trajectory)
+    checkpoint.safetensors   weights, optimiser state and the position in the run
+
+Resuming reads the checkpoint, cuts metrics.jsonl and seeds.jsonl back to what the checkpoint
+covers, and replays the remaining steps with the same batches and seeds, so a resumed run ends
+bit-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from elasticzo.config import RESUME_FREE, TrainConfig
+from elasticzo.data import BatchLoader, get_spec, load_split
+from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+CHECK_EVERY = 50  # steps between host syncs (finite-loss check, progress bar, seed-log buffer)
+CHECKPOINT = "checkpoint.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss was seen; the last good checkpoint on disk is untouched."""
+
+
+@dataclass
+class RunPosition:
+    """Where a run is: the next step to take and the running sums of the current epoch."""
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    loss_sum: float = 0.0
+    epoch_seconds: float = 0.0
+    history: list = field(default_factory=list)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device: cuda was asked for but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def make_learner(config: TrainConfig, num_classes: int, device: torch.device):
+    if config.precision == "int8":
+        from elasticzo.int8.learner import IntLearner
+
+        return IntLearner(config, num_classes, device)
+    from elasticzo.train.learner import FloatLearner
+
+    return FloatLearner(config, num_classes, device)
+
+
+def train(config: TrainConfig, log=print) -> list[dict]:
+    """Train as ``config`` says; returns the per-epoch metrics. Raises ValueError for bad settings."""
+    config.validate()
+    device = resolve_device(config.device)
+    run_dir = Path(config.run_dir or config.default_run_dir())
+    data = _load_data(config, device)
+    learner = make_learner(config, get_spec(config.dataset).num_classes, device)
+    loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed)
+    pos = _start(config, run_dir, learner)
+    log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
+        f"bp_layers={getattr(learner, 'bp_layers', '-')} {config.precision} on {device}")
+    total = config.epochs * len(loader)
+    while pos.epoch < config.epochs:
+        _train_epoch(config, run_dir, learner, loader, pos, total)
+        record = _end_epoch(config, run_dir, learner, data, pos)
+        log(json.dumps(record))
+    return pos.history
+
+
+def _load_data(config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    raw = config.precision == "int8"  # the integer engine quantises raw pixels itself
+    x, y = load_split(config.dataset, config.data_root, "train", config.download,
+                      config.train_limit or None, normalise=not raw)
+    xt, yt = load_split(config.dataset, config.data_root, "test", config.download,
+                        config.test_limit or None, normalise=not raw)
+    return {"x": x.to(device), "y": y.to(device), "x_test": xt.to(device), "y_test": yt.to(device)}
+
+
+def _start(config: TrainConfig, run_dir: Path, learner) -> RunPosition:
+    """A fresh run dir, or the position restored from its checkpoint with ``--resume``."""
+    ckpt = run_dir / CHECKPOINT
+    if not config.resume:
+        if ckpt.exists() or (run_dir / "metrics.jsonl").exists():
+            raise ValueError(f"--run-dir: {run_dir} already holds a run; pass --resume to continue it "
+                             "or choose another --run-dir (nothing was overwritten)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+        return RunPosition()
+    if not ckpt.exists():
+        raise ValueError(f"--resume: {run_dir} has no {CHECKPOINT} to resume from")
+    _check_same_run(config, run_dir / "config.json")
+    tensors, meta = load_checkpoint(ckpt)
+    try:
+        learner.load_state(tensors, meta["learner"], ckpt)
+        pos = RunPosition(**meta["position"])
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{ckpt}: checkpoint metadata is incomplete ({err})") from None
+    _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["epoch"] <= pos.epoch)
+    _truncate_jsonl(run_dir / "seeds.jsonl", lambda r: r["step"] < pos.global_step)
+    config.save(run_dir / "config.json")  # records a changed --epochs
+    return pos
+
+
+def _check_same_run(config: TrainConfig, path: Path) -> None:
+    saved = TrainConfig.load(path).to_dict()
+    wanted = config.to_dict()
+    diff = [k for k in wanted if k not in RESUME_FREE and saved.get(k) != wanted[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: saved {saved.get(k)!r}, given {wanted[k]!r}" for k in diff)
+        raise ValueError(f"--resume: the settings differ from the run in {path.parent} ({pairs})")
+
+
+def _truncate_jsonl(path: Path, keep) -> None:
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        path.write_text("".join(ln + "\n" for ln in lines if keep(json.loads(ln))))
+
+
+def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int) -> None:
+    pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+    bar = tqdm(total=len(loader), initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{config.epochs}",
+               disable=not config.progress, leave=False, dynamic_ncols=True)
+    start = time.perf_counter()
+    for x, y in loader.epoch_batches(pos.epoch, pos.step_in_epoch):
+        learner.set_progress(pos.global_step / total)
+        loss = learner.train_step(x, y)
+        record = learner.step_record()
+        pending.append((pos.global_step, loss, None if record is None else record.detach().clone()))
+        pos.global_step += 1
+        pos.step_in_epoch += 1
+        if len(pending) >= CHECK_EVERY or pos.step_in_epoch == len(loader):
+            _flush(run_dir, pos, pending, bar)
+            bar.update(len(pending))
+            pending.clear()
+            if config.checkpoint_every and pos.global_step % config.checkpoint_every == 0:
+                pos.epoch_seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                _save(run_dir, learner, pos)
+    pos.epoch_seconds += time.perf_counter() - start
+    bar.close()
+
+
+def _flush(run_dir: Path, pos: RunPosition, pending: list, bar) -> None:
+    """One host sync for many steps: check losses are finite, append to the seed log."""
+    losses = torch.stack([p[1] for p in pending]).double().tolist()
+    bad = next((step for (step, _, _), v in zip(pending, losses) if not math.isfinite(v)), None)
+    if bad is not None:
+        ckpt = run_dir / CHECKPOINT
+        where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+        raise TrainingDiverged(f"non-finite loss at step {bad} (epoch {pos.epoch + 1}); training stopped; "
+                               f"{where}. Lower --lr-zo / --lr-bp or --grad-clip and start again.")
+    with open(run_dir / "seeds.jsonl", "a") as f:
+        for (step, _, g), loss in zip(pending, losses):
+            f.write(json.dumps({"step": step, "epoch": pos.epoch, "loss": loss,
+                                "g": None if g is None else g.double().tolist()}) + "\n")
+            pos.loss_sum += loss
+    bar.set_postfix(loss=f"{losses[-1]:.4f}")
+
+
+def _end_epoch(config, run_dir, learner, data, pos: RunPosition) -> dict:
+    steps = pos.step_in_epoch
+    record = {"epoch": pos.epoch + 1, "test_acc": evaluate(learner, data["x_test"], data["y_test"], config.batch_size * 16),
+              "train_loss": pos.loss_sum / max(steps, 1), "epoch_seconds": pos.epoch_seconds,
+              "step_seconds": pos.epoch_seconds / max(steps, 1), "steps": pos.global_step}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    pos.history.append(record)
+    pos.epoch, pos.step_in_epoch, pos.loss_sum, pos.epoch_seconds = pos.epoch + 1, 0, 0.0, 0.0
+    _save(run_dir, learner, pos)
+    return record
+
+
+def evaluate(learner, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
+    """Test accuracy in percent."""
+    correct = 0
+    for lo in range(0, x.shape[0], batch_size):
+        correct += int((learner.predict(x[lo:lo + batch_size]) == y[lo:lo + batch_size]).sum())
+    return 100.0 * correct / max(x.shape[0], 1)
+
+
+def _save(run_dir: Path, learner, pos: RunPosition) -> None:
+    meta = {"learner": learner.state_meta(), "position": pos.__dict__}
+    save_checkpoint(run_dir / CHECKPOINT, learner.state_tensors(), meta)
