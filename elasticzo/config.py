@@ -33,6 +33,7 @@ class TrainConfig:
     queries: int = 1  # random directions per step
     noise: str = "gaussian"  # gaussian | rademacher
     grad_clip: float = 100.0  # bound on |projected gradient|; 0 disables
+    normalize: bool = False  # divide g by its running RMS: fixed ZO step size, no late divergence
     zo_weight_decay: float = 0.0
     # BP part (SGD)
     lr_bp: float = 0.02

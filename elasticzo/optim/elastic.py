@@ -39,6 +39,7 @@ from elasticzo.zo.noise import NOISE_KINDS, derive_seed, layer_noise
 from elasticzo.zo.perturb import perturbed
 
 Closure = Callable[[bool], torch.Tensor]
+RMS_DECAY = 0.99
 
 
 def _check(name: str, value: float, ok: bool, rule: str) -> None:
@@ -59,6 +60,10 @@ class ElasticZO(torch.optim.Optimizer):
         grad_clip: bound on |g| of each projected gradient (``None``: unbounded). The projected
             gradient of a network trained from scratch grows as training proceeds; the bound
             keeps a step from blowing up. Non-finite g are always replaced by 0 (no update).
+        normalize: divide each g by the running RMS of past g (decay 0.99, bias-corrected), so the
+            ZO step has a fixed size in parameter space whatever the scale of the loss; this
+            breaks the feedback loop (larger weights -> larger g -> larger steps) that makes
+            plain SPSA diverge late in training. lr_zo then means lr per unit-RMS direction.
         zo_weight_decay: decoupled weight decay on the ZO part; counters the random-walk growth
             of the weights that SPSA noise causes.
         momentum, weight_decay, dampening, nesterov: ``torch.optim.SGD`` options of the BP part.
@@ -79,6 +84,7 @@ class ElasticZO(torch.optim.Optimizer):
         queries: int = 1,
         noise: str = "gaussian",
         grad_clip: float | None = 100.0,
+        normalize: bool = False,
         zo_weight_decay: float = 0.0,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -105,7 +111,7 @@ class ElasticZO(torch.optim.Optimizer):
         groups = []
         if zo_params:
             groups.append(dict(params=zo_params, part="zo", lr=lr_zo, eps=eps, queries=queries, noise=noise,
-                               grad_clip=grad_clip, weight_decay=zo_weight_decay, seed=seed, step=0))
+                               grad_clip=grad_clip, normalize=normalize, weight_decay=zo_weight_decay, seed=seed, step=0))
         if bp_params:
             groups.append(dict(params=bp_params, part="bp", lr=lr_bp, momentum=momentum, weight_decay=weight_decay,
                                dampening=dampening, nesterov=nesterov, bp_grad=bp_grad, step=0))
@@ -171,13 +177,25 @@ class ElasticZO(torch.optim.Optimizer):
         zo["step"] += 1
         return torch.stack(losses).mean()
 
-    @staticmethod
-    def _projected_grad(loss_plus: torch.Tensor, loss_minus: torch.Tensor, zo: dict) -> torch.Tensor:
+    def _projected_grad(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, zo: dict) -> torch.Tensor:
         g = (loss_plus - loss_minus) / (2 * zo["eps"])
         g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # a NaN/inf pass must not poison theta
         if zo["grad_clip"] is not None:
             g = g.clamp(-zo["grad_clip"], zo["grad_clip"])
+        if zo["normalize"]:
+            g = g / self._running_rms(zo, g)
         return g
+
+    def _running_rms(self, zo: dict, g: torch.Tensor) -> torch.Tensor:
+        """Bias-corrected EMA of g^2 (kept in the state of the first ZO parameter), then its root."""
+        state = self.state[zo["params"][0]]
+        if "g2_ema" not in state:
+            state["g2_ema"] = torch.zeros((), dtype=g.dtype, device=g.device)
+            state["g2_count"] = torch.zeros((), dtype=g.dtype, device=g.device)
+        state["g2_ema"].mul_(RMS_DECAY).add_(g * g, alpha=1 - RMS_DECAY)
+        state["g2_count"].add_(1)
+        corrected = state["g2_ema"] / (1 - RMS_DECAY ** state["g2_count"])
+        return corrected.sqrt().clamp_min(1e-12)
 
     def _zo_update(self, zo: dict, grads: list[torch.Tensor]) -> None:
         """theta <- theta (1 - lr wd) - sum_j (g_j lr / q) z_j, regenerating each z_j from its seed."""

@@ -54,7 +54,7 @@ class FloatLearner:
         self.bp_layers = resolve_bp_layers(config, len(parametrised_layers(self.model)))
         self.optimizer = ElasticZO.for_model(
             self.model, self.bp_layers, lr_zo=config.lr_zo, lr_bp=config.lr_bp, eps=config.eps,
-            queries=config.queries, noise=config.noise, grad_clip=config.grad_clip or None,
+            queries=config.queries, noise=config.noise, grad_clip=config.grad_clip or None, normalize=config.normalize,
             zo_weight_decay=config.zo_weight_decay, momentum=config.momentum,
             weight_decay=config.weight_decay, bp_grad=config.bp_grad, seed=config.seed)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
@@ -88,13 +88,12 @@ class FloatLearner:
         return self.model(x).argmax(dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything tensor-valued a resume needs: weights and momentum buffers."""
+        """Everything tensor-valued a resume needs: weights and optimiser state (momentum, g RMS)."""
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for i, p in enumerate(params):
-            buffer = self.optimizer.state.get(p, {}).get("momentum_buffer")
-            if buffer is not None:
-                tensors[f"optim.{i}.momentum_buffer"] = buffer
+            for key, value in self.optimizer.state.get(p, {}).items():
+                tensors[f"optim.{i}.{key}"] = value
         return tensors
 
     def state_meta(self) -> dict:
@@ -105,9 +104,10 @@ class FloatLearner:
 
         load_into_module(self.model, tensors, path)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            buffer = tensors.get(f"optim.{i}.momentum_buffer")
-            if buffer is not None:
-                self.optimizer.state[p]["momentum_buffer"] = buffer.to(p.device).clone()
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                param = params[int(index)]
+                self.optimizer.state[param][key] = value.to(param.device).clone()
         for group, step in zip(self.optimizer.param_groups, meta["steps"]):
             group["step"] = step

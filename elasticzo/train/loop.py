@@ -144,11 +144,12 @@ def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int)
         pending.append((pos.global_step, loss, None if record is None else record.detach().clone()))
         pos.global_step += 1
         pos.step_in_epoch += 1
-        if len(pending) >= CHECK_EVERY or pos.step_in_epoch == len(loader):
+        checkpoint_due = config.checkpoint_every and pos.global_step % config.checkpoint_every == 0
+        if len(pending) >= CHECK_EVERY or pos.step_in_epoch == len(loader) or checkpoint_due:
             _flush(run_dir, pos, pending, bar)
             bar.update(len(pending))
             pending.clear()
-            if config.checkpoint_every and pos.global_step % config.checkpoint_every == 0:
+            if checkpoint_due and pos.step_in_epoch < len(loader):  # the epoch end saves anyway
                 pos.epoch_seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 _save(run_dir, learner, pos)
