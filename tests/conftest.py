@@ -1,0 +1,24 @@
+"""Shared fixtures: where the real datasets live."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# <repo>/tests/conftest.py -> <repo>/../shared/datasets, the layout of the project's workspace.
+_DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Root holding ``mnist/`` and ``fashion-mnist/``: $ELASTICZO_DATA, else ``<repo>/../shared/datasets``.
+
+    Skips (rather than fails) only when that directory does not exist at all, so a checkout
+    without the shared data still runs every other test; a directory with damaged files fails.
+    """
+    env = os.environ.get("ELASTICZO_DATA", "")
+    root = Path(env).expanduser() if env else _DEFAULT_DATA
+    if not root.is_dir():
+        pytest.skip(f"dataset root {root} does not exist (set ELASTICZO_DATA to point at it)")
+    return root
