@@ -31,9 +31,14 @@ What is measured is the bytes of live tensor storages (``storage.nbytes()``). No
 allocator rounding and caching (the CUDA caching allocator rounds to 512 B blocks; use
 ``cuda_peak_bytes`` for that view), scratch buffers inside kernels that never become tensors
 (oneDNN / cuBLAS workspaces), and tensors created outside any aten op that were not registered.
+Saved tensors are recognised through ``torch.autograd.graph.saved_tensors_hooks``; inside a
+user's own hooks (activation checkpointing, CPU offload) those count as ``workspace``. Tags are
+per thread/context: on CUDA the backward pass runs in autograd's device threads, where its
+allocations count as ``workspace`` (or their role) whatever tag the caller had set.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import weakref
 from contextlib import contextmanager
@@ -443,6 +448,7 @@ def measure_step_memory(step_fn: Callable[[], Any], *, params: nn.Module | Itera
     params = params if isinstance(params, nn.Module) else list(params)
     for _ in range(warmup):
         step_fn()
+    gc.collect()  # garbage cycles left by the warm-up would otherwise be freed at a random point
     with track_memory(params, optimizer, inputs, extra, device) as mem:
         step_fn()
     return mem.result()
