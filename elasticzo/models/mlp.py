@@ -9,6 +9,6 @@ class MLP(nn.Sequential):
         widths = (in_features, *hidden)
         blocks: list[nn.Module] = [nn.Flatten()]
         for a, b in zip(widths[:-1], widths[1:]):
-            blocks += [nn.Linear(a, b), nn.ReLU()]
+            blocks += [nn.Linear(a, b), nn.ReLU(inplace=True)]
         blocks.append(nn.Linear(widths[-1], num_classes))
         super().__init__(*blocks)
