@@ -1,0 +1,37 @@
+"""Rebuild the ZO part of a run from its seed log, without a single forward pass.
+
+The ZO update is theta <- theta (1 - lr_t wd) - sum_j (g_j lr_t / q) z_j, with z_j a pure function
+of (seed, step, j, layer) and g_j logged in ``seeds.jsonl``. Replaying those updates on the initial
+weights reproduces the trained ZO weights bit for bit: a run can be audited, or shipped as its
+initial seed plus one float per step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from elasticzo.models.layers import layer_params
+from elasticzo.optim.elastic import ElasticZO
+
+
+@torch.no_grad()
+def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> None:
+    """Apply the logged ZO updates to the optimiser's ZO parameters.
+
+    ``records`` are the lines of ``seeds.jsonl`` (each with ``step`` and ``g``), ``lrs[i]`` the
+    ZO learning rate used at ``records[i]`` (the schedule is a pure function of the step).
+    The optimiser must be built as in the run (same split, seed, queries, noise, weight decay).
+    """
+    zo = optimizer._group("zo")
+    if zo is None:
+        raise ValueError("replay_zo: the optimiser has no ZO part (bp_layers = all)")
+    if len(records) != len(lrs):
+        raise ValueError(f"replay_zo: {len(records)} log records but {len(lrs)} learning rates")
+    device, dtype = zo["params"][0].device, zo["params"][0].dtype
+    for record, lr in zip(records, lrs):
+        if record.get("g") is None:
+            raise ValueError(f"replay_zo: step {record.get('step')} has no projected gradients in the log")
+        zo["step"], zo["lr"] = record["step"], lr
+        grads = [torch.tensor(g, dtype=dtype, device=device) for g in record["g"]]
+        optimizer._zo_update(zo, grads)
+    zo["step"] = records[-1]["step"] + 1 if records else zo["step"]
