@@ -1,0 +1,259 @@
+"""Integer layers with explicit forward and backward (autograd does not take integer tensors).
+
+Each layer maps QTensor -> QTensor. ``forward(x, store=True)`` keeps what ``backward`` needs;
+``store=False`` keeps nothing (the ZO part: forward only, the memory of inference).
+Weight layers (``IntLinear``, ``IntConv2d``, no bias as in NITI) hold int8 ``weight`` with a
+fixed ``weight_exponent``; ``backward`` leaves the integer weight gradient in ``grad_acc``
+(int32, or int64 when the sum is too long for int32) with value grad_acc * 2**grad_exponent,
+and returns the requantized int8 error for the layer below.
+
+``forward(x, weight=w)`` runs with another int8 weight of the same shape and exponent (a
+perturbed copy built out of place), so ZO never writes to ``layer.weight``.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from elasticzo.int8.format import Exponent, QTensor, requantize_int32
+from elasticzo.int8.ops import (
+    int8_conv2d,
+    int8_conv2d_grad_input,
+    int8_conv2d_grad_weight,
+    int8_linear,
+    int8_linear_grad_input,
+    int8_linear_grad_weight,
+    int8_maxpool2d,
+    int8_maxpool2d_backward,
+)
+
+
+class IntLayer:
+    """Base: no parameters, nothing stored."""
+
+    has_weight = False
+
+    def forward(self, x: QTensor, store: bool = True) -> QTensor:
+        raise NotImplementedError
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        raise NotImplementedError
+
+    def __call__(self, x: QTensor, store: bool = True) -> QTensor:
+        return self.forward(x, store)
+
+    def clear(self) -> None:
+        """Drop stored activations (called after backward, or to abandon a step)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self) -> str:
+        return ""
+
+
+class _WeightLayer(IntLayer):
+    """Shared state of IntLinear / IntConv2d: int8 weight, fixed exponent, integer gradient."""
+
+    has_weight = True
+
+    def __init__(self, weight: torch.Tensor, weight_exponent: int):
+        if weight.dtype != torch.int8:
+            raise TypeError(f"{type(self).__name__} weight must be int8, got {weight.dtype}")
+        self.weight = weight
+        self.weight_exponent = int(weight_exponent)
+        self.grad_acc: torch.Tensor | None = None  # int32/int64, set by backward
+        self.grad_exponent: Exponent | None = None
+        self._input: QTensor | None = None
+
+    def _weight(self, weight: torch.Tensor | None) -> torch.Tensor:
+        if weight is None:
+            return self.weight
+        if weight.shape != self.weight.shape or weight.dtype != torch.int8:
+            raise ValueError(f"weight override must be int8 {tuple(self.weight.shape)}, got {weight.dtype} {tuple(weight.shape)}")
+        return weight
+
+    def _saved_input(self) -> QTensor:
+        if self._input is None:
+            raise RuntimeError(f"{type(self).__name__}.backward needs forward(x, store=True) first")
+        return self._input
+
+    def clear(self) -> None:
+        self._input = None
+
+
+class IntLinear(_WeightLayer):
+    """y = x @ W^T, weight [out, in] int8."""
+
+    def forward(self, x: QTensor, store: bool = True, weight: torch.Tensor | None = None) -> QTensor:
+        self._input = x if store else None
+        acc = int8_linear(x.values, self._weight(weight))  # [B, out]
+        return requantize_int32(acc, x.exponent + self.weight_exponent)
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        x = self._saved_input()
+        self.grad_acc = int8_linear_grad_weight(grad.values, x.values)  # [out, in]
+        self.grad_exponent = grad.exponent + x.exponent
+        self.clear()
+        if not input_grad:
+            return None
+        return requantize_int32(int8_linear_grad_input(grad.values, self.weight), grad.exponent + self.weight_exponent)
+
+    def extra_repr(self) -> str:
+        return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, weight_exponent={self.weight_exponent}"
+
+
+class IntConv2d(_WeightLayer):
+    """Cross-correlation as nn.Conv2d without bias, weight [O, C, kh, kw] int8."""
+
+    def __init__(self, weight: torch.Tensor, weight_exponent: int, stride=1, padding=0):
+        super().__init__(weight, weight_exponent)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x: QTensor, store: bool = True, weight: torch.Tensor | None = None) -> QTensor:
+        self._input = x if store else None
+        acc = int8_conv2d(x.values, self._weight(weight), self.stride, self.padding)  # channels-last strides
+        out = requantize_int32(acc, x.exponent + self.weight_exponent)
+        return QTensor(out.values.contiguous(), out.exponent)  # copy the int8 result, not the int32 one
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        x = self._saved_input()
+        self.grad_acc = int8_conv2d_grad_weight(grad.values, x.values, self.weight.shape, self.stride, self.padding)
+        self.grad_exponent = grad.exponent + x.exponent
+        self.clear()
+        if not input_grad:
+            return None
+        gx = int8_conv2d_grad_input(grad.values, self.weight, x.shape, self.stride, self.padding)
+        return requantize_int32(gx, grad.exponent + self.weight_exponent)
+
+    def extra_repr(self) -> str:
+        o, c, kh, kw = self.weight.shape
+        return f"{c}, {o}, kernel=({kh}, {kw}), stride={self.stride}, padding={self.padding}, weight_exponent={self.weight_exponent}"
+
+
+class IntReLU(IntLayer):
+    """max(x, 0) on int8; backward passes the error where x > 0 (0 at x == 0, as PyTorch)."""
+
+    def __init__(self) -> None:
+        self._mask: torch.Tensor | None = None
+
+    def forward(self, x: QTensor, store: bool = True) -> QTensor:
+        self._mask = x.values > 0 if store else None  # bool: 1 byte per element
+        return QTensor(x.values.clamp(min=0), x.exponent)
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        if self._mask is None:
+            raise RuntimeError("IntReLU.backward needs forward(x, store=True) first")
+        out = torch.where(self._mask, grad.values, torch.zeros_like(grad.values))
+        self._mask = None
+        return QTensor(out, grad.exponent)
+
+    def clear(self) -> None:
+        self._mask = None
+
+
+class IntMaxPool2d(IntLayer):
+    """Max-pool on int8 (no padding, no dilation); stores the argmax offsets (int8) for backward.
+
+    Ties pick the first maximum in the window, the rule of float ``F.max_pool2d``.
+    """
+
+    def __init__(self, kernel_size, stride=None):
+        self.kernel_size = kernel_size
+        self.stride = kernel_size if stride is None else stride
+        self._arg: torch.Tensor | None = None
+        self._input_shape: torch.Size | None = None
+
+    def forward(self, x: QTensor, store: bool = True) -> QTensor:
+        out, arg = int8_maxpool2d(x.values, self.kernel_size, self.stride)
+        self._arg, self._input_shape = (arg, x.shape) if store else (None, None)
+        return QTensor(out, x.exponent)
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        if self._arg is None:
+            raise RuntimeError("IntMaxPool2d.backward needs forward(x, store=True) first")
+        out = int8_maxpool2d_backward(grad.values, self._arg, self._input_shape, self.kernel_size, self.stride)
+        self.clear()
+        if out.dtype == torch.int8:  # disjoint windows: the errors are only moved
+            return QTensor(out, grad.exponent)
+        return requantize_int32(out, grad.exponent)  # overlapping windows add up
+
+    def clear(self) -> None:
+        self._arg, self._input_shape = None, None
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}"
+
+
+class IntFlatten(IntLayer):
+    """[B, ...] -> [B, prod(...)]; backward reshapes back (only the shape is stored)."""
+
+    def __init__(self) -> None:
+        self._shape: torch.Size | None = None
+
+    def forward(self, x: QTensor, store: bool = True) -> QTensor:
+        self._shape = x.shape if store else None
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        if self._shape is None:
+            raise RuntimeError("IntFlatten.backward needs forward(x, store=True) first")
+        out, self._shape = grad.reshape(*self._shape), None
+        return out
+
+
+class IntSequential:
+    """Layers run in order; backward runs them in reverse.
+
+    ``forward(x, store=False)`` is inference / the ZO part. ``weights`` optionally overrides the
+    weight of each weight layer (one entry per ``weight_layers()``, None keeps the layer's own).
+    ``backward(grad)`` fills every weight layer's ``grad_acc`` and, by default, stops below the
+    first weight layer: the error wrt the network input is never needed for training.
+    """
+
+    def __init__(self, *layers: IntLayer):
+        self.layers = list(layers)
+
+    def forward(self, x: QTensor, store: bool = True, weights: Sequence[torch.Tensor | None] | None = None) -> QTensor:
+        overrides = iter(weights) if weights is not None else None
+        for layer in self.layers:
+            if layer.has_weight and overrides is not None:
+                x = layer.forward(x, store, weight=next(overrides))
+            else:
+                x = layer.forward(x, store)
+        return x
+
+    __call__ = forward
+
+    def backward(self, grad: QTensor, input_grad: bool = False) -> QTensor | None:
+        first = next((i for i, layer in enumerate(self.layers) if layer.has_weight), 0)
+        for i in range(len(self.layers) - 1, -1, -1):
+            need = input_grad or i > first
+            grad = self.layers[i].backward(grad, input_grad=need)
+            if not need:
+                return None
+        return grad
+
+    def weight_layers(self) -> list[_WeightLayer]:
+        return [layer for layer in self.layers if layer.has_weight]
+
+    def clear(self) -> None:
+        for layer in self.layers:
+            layer.clear()
+
+    def __getitem__(self, idx):
+        return IntSequential(*self.layers[idx]) if isinstance(idx, slice) else self.layers[idx]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[IntLayer]:
+        return iter(self.layers)
+
+    def __repr__(self) -> str:
+        body = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"IntSequential({body}\n)"
+
+
+__all__ = ["IntLayer", "IntLinear", "IntConv2d", "IntReLU", "IntMaxPool2d", "IntFlatten", "IntSequential"]
