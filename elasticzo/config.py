@@ -42,7 +42,7 @@ class TrainConfig:
     bp_grad: str = "mean"  # mean: average grads of the + and - passes; plus: + passes only
     # int8 (ElasticZO-INT8)
     int8_lr_bits: int = 5  # NITI learning rate as a bit width of the weight update
-    int8_zo_shift: int = 0  # extra right shift of the integer ZO update (larger = smaller steps)
+    int8_zo_shift: int = 4  # ZO step of about 2**-shift weight units per step at the typical |L+ - L-|
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

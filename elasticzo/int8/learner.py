@@ -1,0 +1,84 @@
+"""The INT8 learner: an integer network trained by ``IntElasticZO`` behind the loop's interface.
+
+Images arrive as raw uint8 pixels; ``quantize_pixels`` turns them into int8 with exponent -8
+(pixel / 256) by one shift, and from there every operation of a step is integer.
+"""
+from __future__ import annotations
+
+import torch
+
+from elasticzo.config import TrainConfig
+from elasticzo.int8.convert import int8_lenet5, int8_mlp
+from elasticzo.int8.elastic import IntElasticZO
+from elasticzo.int8.format import QTensor
+from elasticzo.int8.loss import loss_to_nats
+from elasticzo.train.checkpoint import CheckpointError
+from elasticzo.train.learner import resolve_bp_layers
+
+PIXEL_EXPONENT = -8  # int8 pixel p >> 1 stands for (p >> 1) * 2**-7 = about p / 256
+
+
+def quantize_pixels(x: torch.Tensor) -> QTensor:
+    """uint8 pixels [B, 1, 28, 28] -> int8 QTensor (0..127, exponent -7): one integer shift."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"the INT8 engine takes raw uint8 pixels, got {x.dtype} (load with normalise=False)")
+    return QTensor((x >> 1).to(torch.int8), PIXEL_EXPONENT + 1)
+
+
+def build_int_model(name: str, num_classes: int, generator: torch.Generator):
+    if name == "lenet5":
+        return int8_lenet5(generator, num_classes)
+    if name == "mlp":
+        return int8_mlp(generator, num_classes=num_classes)
+    raise ValueError(f"--model: no INT8 version of {name!r}; choose lenet5 or mlp")
+
+
+class IntLearner:
+    """ElasticZO-INT8 with the split of ``config`` (bp: pure NITI, zo: integer vanilla ZO)."""
+
+    def __init__(self, config: TrainConfig, num_classes: int, device: torch.device):
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(config.seed)
+        self.net = build_int_model(config.model, num_classes, gen)
+        for layer in self.net.weight_layers():
+            layer.weight = layer.weight.to(device)
+        self.bp_layers = resolve_bp_layers(config, len(self.net.weight_layers()))
+        self.optimizer = IntElasticZO(self.net, self.bp_layers, eps=1, zo_shift=config.int8_zo_shift,
+                                      mu=config.int8_lr_bits, seed=config.seed)
+
+    def set_progress(self, progress: float) -> None:
+        """Integer learning rates are bit widths and shifts: no schedule."""
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One integer step; the returned loss is converted to mean nats for the logs only."""
+        loss = self.optimizer.step(quantize_pixels(x), y)
+        return loss_to_nats(loss) / x.shape[0]
+
+    def step_record(self) -> torch.Tensor | None:
+        d = self.optimizer.last_d
+        return None if d is None or not self.optimizer.zo_layers else d.reshape(1)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.optimizer.forward(quantize_pixels(x)).values.argmax(dim=1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"model.{i}.weight": layer.weight for i, layer in enumerate(self.net.weight_layers())}
+        tensors["optim.d_scale"] = self.optimizer.d_scale
+        return tensors
+
+    def state_meta(self) -> dict:
+        return {"steps": [self.optimizer.step_count],
+                "weight_exponents": [layer.weight_exponent for layer in self.net.weight_layers()]}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
+        layers = self.net.weight_layers()
+        for i, layer in enumerate(layers):
+            value = tensors.get(f"model.{i}.weight")
+            if value is None or value.shape != layer.weight.shape or value.dtype != torch.int8:
+                raise CheckpointError(f"{path}: model.{i}.weight is missing or not int8 {tuple(layer.weight.shape)}")
+            layer.weight = value.to(layer.weight.device).clone()
+        if meta.get("weight_exponents") != [layer.weight_exponent for layer in layers]:
+            raise CheckpointError(f"{path}: weight exponents {meta.get('weight_exponents')} do not fit the model")
+        self.optimizer.d_scale = tensors["optim.d_scale"].to(self.optimizer.d_scale.device).clone()
+        self.optimizer.step_count = meta["steps"][0]

@@ -1,0 +1,155 @@
+"""ElasticZO-INT8 training: integer-only steps, exact restore, NITI at k = all, determinism, CLI."""
+import copy
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from elasticzo.config import TrainConfig
+from elasticzo.int8.convert import int8_lenet5
+from elasticzo.int8.elastic import IntElasticZO
+from elasticzo.int8.learner import quantize_pixels
+from elasticzo.int8.loss import cross_entropy
+from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_stochastic
+from elasticzo.int8.update import apply_niti_update, int8_noise
+from elasticzo.train.checkpoint import load_checkpoint
+from elasticzo.train.loop import CHECKPOINT, train
+from elasticzo.zo.noise import derive_seed
+
+
+class DtypeRecorder(TorchDispatchMode):
+    """Every aten op with the dtypes of its tensor inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[tuple[str, set]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out])]
+        flat = [t for a in flat for t in (a if isinstance(a, (tuple, list)) else [a])]
+        self.ops.append((str(func), {t.dtype for t in flat if isinstance(t, torch.Tensor)}))
+        return out
+
+    def float_ops(self):
+        return [name for name, dtypes in self.ops if any(d.is_floating_point for d in dtypes)]
+
+
+def net_and_batch(seed=0, n=16):
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8)
+    return int8_lenet5(torch.Generator().manual_seed(seed)), pixels, torch.randint(0, 10, (n,), generator=gen)
+
+
+def weights(net):
+    return [layer.weight.clone() for layer in net.weight_layers()]
+
+
+@pytest.mark.parametrize("bp_layers", [0, 1, 2, 5])
+def test_a_full_training_step_is_integer_only(bp_layers):
+    net, pixels, y = net_and_batch()
+    opt = IntElasticZO(net, bp_layers, seed=3)
+    with DtypeRecorder() as rec:
+        for _ in range(2):  # the second step also exercises the running |d| scale
+            opt.step(quantize_pixels(pixels), y)
+    assert len(rec.ops) > 100
+    assert rec.float_ops() == []
+    with DtypeRecorder() as control:  # the recorder does see floats
+        torch.ones(2).mul(2)
+    assert control.float_ops()
+
+
+def test_perturbed_forward_restores_weights_exactly():
+    net, pixels, _ = net_and_batch()
+    before = weights(net)
+    opt = IntElasticZO(net, 2, eps=3)
+    plus = opt.forward(quantize_pixels(pixels), +1)
+    minus = opt.forward(quantize_pixels(pixels), -1)
+    assert not torch.equal(plus.values, minus.values)
+    assert all(torch.equal(a, b) for a, b in zip(before, weights(net)))
+
+
+def test_zo_update_is_the_documented_integer_rule():
+    net, pixels, y = net_and_batch()
+    before = weights(net)
+    opt = IntElasticZO(net, 0, zo_shift=2, seed=7)
+    opt.step(quantize_pixels(pixels), y)
+    d = opt.last_d
+    scale = (d.abs() >> 4).clamp(min=1)  # the running mean after one step from 0
+    s = bitlength(scale) + 2
+    for i, (w0, layer) in enumerate(zip(before, net.weight_layers())):
+        z = int8_noise(w0.shape, torch.Generator().manual_seed(derive_seed(7, 0, 0, i)))
+        step = shift_round_stochastic(d * z.to(torch.int64), s, torch.Generator().manual_seed(derive_seed(7, 0, 1, i)))
+        assert torch.equal(layer.weight, saturate_int8(w0.to(torch.int64) - step))
+        assert layer.weight.dtype == torch.int8
+
+
+def test_all_layers_in_bp_is_pure_niti():
+    net, pixels, y = net_and_batch()
+    twin = copy.deepcopy(net)
+    opt = IntElasticZO(net, 5, mu=3)
+    for _ in range(3):
+        opt.step(quantize_pixels(pixels), y)
+        _, grad = cross_entropy(twin.forward(quantize_pixels(pixels)), y)
+        twin.backward(grad)
+        apply_niti_update(twin.weight_layers(), mu=3)
+        assert all(torch.equal(a, b) for a, b in zip(weights(net), weights(twin)))
+
+
+def test_same_seed_same_integer_weights():
+    runs = []
+    for seed in (1, 1, 2):
+        net, pixels, y = net_and_batch()
+        opt = IntElasticZO(net, 2, seed=seed)
+        for _ in range(3):
+            opt.step(quantize_pixels(pixels), y)
+        runs.append(weights(net))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0], runs[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
+
+
+@pytest.mark.parametrize("bad", [dict(eps=0), dict(eps=1.5), dict(zo_shift=-1), dict(mu=9), dict(bp_layers=6)])
+def test_bad_settings_raise(bad):
+    net, _, _ = net_and_batch()
+    kw = {"bp_layers": 2, **bad}
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        IntElasticZO(net, kw.pop("bp_layers"), **kw)
+
+
+def test_quantize_pixels_rejects_float_images():
+    with pytest.raises(TypeError, match="uint8"):
+        quantize_pixels(torch.zeros(1, 1, 28, 28))
+
+
+SMALL = dict(train_limit=320, test_limit=200, batch_size=32, progress=False, checkpoint_every=4, precision="int8")
+
+
+def test_int8_run_learns_and_resumes_bit_identically(tmp_path, data_root, monkeypatch):
+    kw = dict(SMALL, data_root=str(data_root), epochs=2, method="elasticzo", bp_layers=2)
+    full = train(TrainConfig(run_dir=str(tmp_path / "full"), **kw), log=lambda *_: None)
+    assert full[-1]["test_acc"] > 30  # ten classes: chance is 10 %
+    from elasticzo.int8 import learner as learner_module
+    original = learner_module.IntLearner.train_step
+    calls = {"n": 0}
+
+    def dying_step(self, x, y):  # fault injection: the process "dies" before step 14
+        if calls["n"] == 14:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original(self, x, y)
+
+    monkeypatch.setattr(learner_module.IntLearner, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(run_dir=str(tmp_path / "cut"), **kw), log=lambda *_: None)
+    monkeypatch.setattr(learner_module.IntLearner, "train_step", original)
+    resumed = train(TrainConfig(run_dir=str(tmp_path / "cut"), resume=True, **kw), log=lambda *_: None)
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k} for r in rs]
+    assert strip(resumed) == strip(full)
+    a, _ = load_checkpoint(tmp_path / "full" / CHECKPOINT)
+    b, _ = load_checkpoint(tmp_path / "cut" / CHECKPOINT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["model.0.weight"].dtype == torch.int8
+    _, meta = load_checkpoint(tmp_path / "full" / CHECKPOINT)
+    assert meta["learner"]["weight_exponents"] == [-7] * 5
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["precision"] == "int8"
