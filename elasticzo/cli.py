@@ -50,7 +50,58 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (BP, vanilla ZO or ElasticZO; fp32 or int8)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flags(train)
+    add_bench_flags(sub.add_parser("bench", help="train the method grid; measure memory, time per step and "
+                                   "the ratios against same-process peers (MeZO, plain PyTorch BP)",
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    add_plan_flags(sub.add_parser("plan", help="measured training memory of every ZO/BP split, and the "
+                                  "largest split that fits a memory budget",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     return parser
+
+
+def add_bench_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of ``elasticzo bench`` (validated again by ``bench.runner.BenchConfig``)."""
+    p.add_argument("--out", default="bench-results", help="folder for results.json/csv/md, plots and runs/")
+    p.add_argument("--quick", action="store_true", help="CI size: 1000 train / 500 test examples, 1 epoch, "
+                   "20 timed steps (each size flag below overrides it)")
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=("mnist", "fashion-mnist"))
+    methods = ("bp", "zo", "k1", "k2", "k3")  # bench.runner.METHODS (a test keeps them equal)
+    p.add_argument("--methods", nargs="+", default=list(methods), choices=methods,
+                   help="bp: all layers BP; zo: vanilla ZO; kK: ElasticZO with the last K layers in BP")
+    p.add_argument("--precision", default="all", choices=("fp32", "int8", "all"),
+                   help="all: fp32 rows, and int8 rows when the INT8 learner exists (else a note says why not)")
+    p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=None, help="default 5 (--quick: 1)")
+    p.add_argument("--train-limit", type=int, default=None,
+                   help="first N training examples; default all (--quick: 1000)")
+    p.add_argument("--test-limit", type=int, default=None, help="first N test examples; default all (--quick: 500)")
+    p.add_argument("--timing-steps", type=int, default=None,
+                   help="timed steps per method and peer; default 200 (--quick: 20)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing; default 10 (--quick: 3)")
+    p.add_argument("--rounds", type=int, default=None, help="the timed steps are interleaved over this many rounds; "
+                   "default 20 (--quick: 2)")
+    p.add_argument("--measure-only", action="store_true", help="skip the training grid: memory, time and ratios only")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting for every run, e.g. --set lr_zo=3e-4 --set normalize=true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    p.add_argument("--data-root", default=None, help="else $ELASTICZO_DATA, else ./data")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="PNG and SVG plots (matplotlib)")
+
+
+def add_plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", default="fp32", choices=config_module.PRECISIONS)
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 256KiB, 3MB, 1.5MiB or 1000000 (bytes); "
+                   "without it only the table is printed")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting that changes memory, e.g. --set momentum=0")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -66,6 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             from elasticzo.train.loop import train
 
             train(config_from_args(args))
+        elif args.command == "bench":
+            from elasticzo.bench.runner import bench_config_from_args, run_bench
+
+            run_bench(bench_config_from_args(args, argv))
+        elif args.command == "plan":
+            from elasticzo.bench.plan import plan_main
+            from elasticzo.bench.runner import parse_overrides
+
+            return plan_main(args.model, args.batch_size, args.precision, args.budget, args.device,
+                             settings=parse_overrides(args.overrides))
     except KeyboardInterrupt:
         print("elasticzo: interrupted; resume with --resume", file=sys.stderr)
         return 130

@@ -1,0 +1,97 @@
+"""`elasticzo plan`: size parsing, measured memory per split, and the choice of the largest split."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from elasticzo.bench.plan import UNITS, largest_fitting, measure_splits, parse_size
+from elasticzo.bench.runner import int8_unavailable
+from elasticzo.cli import main
+
+BATCH = 4  # small batch: the whole table is measured in a second or two
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread, as the bench uses: on a busy 2-core machine, 2 threads run these steps ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return measure_splits("lenet5", batch_size=BATCH, precision="fp32")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("256KiB", 256 * 1024), ("3MB", 3_000_000), ("1.5MiB", 1_572_864), ("1000000", 1_000_000),
+    ("2 kB", 2000), ("2KB", 2000), (" 1gib ", 2**30), ("10B", 10), (".5KiB", 512),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "abc", "12XB", "-5", "0", "0KiB", "1.5B", "1..2MB", "1e6", "KiB", "nan", "inf",
+                                  "3 MB s"])
+def test_parse_size_rejects_garbage_with_a_clear_error(text):
+    with pytest.raises(ValueError, match="--budget"):
+        parse_size(text)
+
+
+@given(st.integers(1, 10**6), st.sampled_from(sorted(u for u in UNITS if u)))
+def test_parse_size_integer_times_unit(n, unit):
+    assert parse_size(f"{n}{unit}") == n * UNITS[unit]
+    assert parse_size(f"{n}{unit.upper()}") == n * UNITS[unit]
+
+
+def test_every_split_is_measured(rows):
+    assert [r.k for r in rows] == list(range(6))  # LeNet-5: five parametrised layers
+    assert rows[1].bp_layers == ("Linear(84->10)",) and rows[0].bp_layers == ()
+    assert all(sum(r.breakdown.values()) == r.peak_bytes for r in rows)
+    assert rows[0].breakdown["gradients"] == 0 and rows[5].breakdown["saved_for_backward"] > 0
+    # reproducible: test_cli_plan_picks_the_split re-measures and must land between the same values
+
+
+def test_largest_split_for_a_budget_between_two_measured_values(rows):
+    peaks = sorted({r.peak_bytes for r in rows})
+    for low, high in zip(peaks, peaks[1:]):
+        budget = (low + high) // 2
+        expected = max(r.k for r in rows if r.peak_bytes <= low)
+        assert largest_fitting(rows, budget).k == expected
+    assert largest_fitting(rows, peaks[-1]).k == 5
+    assert largest_fitting(rows, peaks[0] - 1) is None
+
+
+def test_cli_plan_picks_the_split(rows, capsys):
+    k = 2
+    budget = (rows[k].peak_bytes + rows[k + 1].peak_bytes) // 2
+    assert rows[k].peak_bytes < budget < rows[k + 1].peak_bytes
+    assert main(["plan", "--batch-size", str(BATCH), "--budget", str(budget)]) == 0
+    out = capsys.readouterr().out
+    assert f"largest split that fits: k={k} " in out and "--bp-layers 2" in out
+
+
+def test_cli_plan_when_nothing_fits(capsys):
+    assert main(["plan", "--model", "mlp", "--batch-size", str(BATCH), "--budget", "1KiB"]) == 1
+    err = capsys.readouterr().err
+    assert "no split fits in 1.00 KiB" in err and "k=0" in err and "lower --batch-size" in err
+
+
+def test_cli_plan_bad_budget_and_settings(capsys):
+    assert main(["plan", "--budget", "lots"]) == 2
+    assert "--budget: cannot read 'lots'" in capsys.readouterr().err
+    assert main(["plan", "--set", "bp_layers=2"]) == 2
+    assert "--set: bp_layers" in capsys.readouterr().err
+
+
+def test_int8_plan(capsys):
+    if int8_unavailable():
+        assert main(["plan", "--precision", "int8", "--batch-size", str(BATCH)]) == 2
+        assert "int8" in capsys.readouterr().err
+    else:
+        rows = measure_splits("mlp", batch_size=BATCH, precision="int8")
+        assert [r.k for r in rows] == list(range(4)) and all(r.peak_bytes > 0 for r in rows)
