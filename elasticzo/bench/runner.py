@@ -29,6 +29,7 @@ import json
 import math
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -437,8 +438,21 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     return results
 
 
+def _git_state() -> dict:
+    """The commit the figures come from and the files that differed from it (None outside a checkout)."""
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=10,
+                                        check=True).stdout
+        return {"commit": run("rev-parse", "HEAD").strip(),
+                "modified": [ln[3:] for ln in run("status", "--porcelain", "--untracked-files=no").splitlines()]}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "modified": None}
+
+
 def _meta(cfg: BenchConfig) -> dict:
-    return {"command": cfg.command, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "torch": torch.__version__,
+    return {"command": cfg.command, "git": _git_state(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "torch": torch.__version__,
             "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
             "device": str(resolve_device(cfg.device)), "threads": torch.get_num_threads(),
             "config": dataclasses.asdict(cfg)}
@@ -505,7 +519,8 @@ def markdown(results: dict) -> str:
              f"{meta['date']}, torch {meta['torch']}, {meta['device']} ({meta['machine']}), "
              f"{meta['threads']} thread(s); {cfg['model']}, batch {cfg['batch_size']}, {cfg['epochs']} epoch(s), "
              f"train limit {cfg['train_limit'] or 'all'}, test limit {cfg['test_limit'] or 'all'}"
-             + (f", settings {cfg['overrides']}" if cfg["overrides"] else "") + ".", ""]
+             + (f", settings {cfg['overrides']}" if cfg["overrides"] else "") + ".  ",
+             _git_line(meta.get("git") or {}), ""]
     if results["notes"]:
         lines += ["Notes:", ""] + [f"- {n}" for n in results["notes"]] + [""]
     lines += _accuracy_section(results["runs"]) + _memory_section(results, cfg) + _time_section(results, cfg)
@@ -520,6 +535,14 @@ def markdown(results: dict) -> str:
     if results.get("plots"):
         lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in results["plots"])]
     return "\n".join(lines) + "\n"
+
+
+def _git_line(git: dict) -> str:
+    if not git.get("commit"):
+        return "Code: not in a git checkout."
+    changed = git.get("modified") or []
+    return f"Code: commit {git['commit'][:10]}" + (f" with uncommitted changes in {', '.join(changed)}." if changed
+                                                 else " (clean).")
 
 
 def _accuracy_section(runs: list[dict]) -> list[str]:
