@@ -41,7 +41,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     bp_grad: str = "mean"  # mean: average grads of the + and - passes; plus: + passes only
     # int8 (ElasticZO-INT8)
-    int8_lr_bits: int = 5  # NITI learning rate as a bit width of the weight update
+    int8_lr_bits: int = 3  # NITI learning rate: bit width of the largest BP weight step
+    int8_tile: int = 8  # images per int32 conv accumulator tile (0: whole batch; faster, more memory)
     int8_zo_shift: int = 4  # ZO step of about 2**-shift weight units per step at the typical |L+ - L-|
     # run
     seed: int = 0
@@ -65,7 +66,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps")
         non_negative = ("bp_layers", "lr_zo", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
-                        "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift")
+                        "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift", "int8_tile")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")

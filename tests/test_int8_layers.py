@@ -278,3 +278,16 @@ def test_niti_training_reduces_integer_loss():
     out = net.forward(xq, store=False)
     assert cross_entropy_loss(out, y).item() < 0.1 * before
     assert (out.values.argmax(1) == y).double().mean().item() > 0.95
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 9), tile=st.integers(1, 4), padding=st.integers(0, 2))
+def test_tiled_conv_equals_untiled_exactly(seed, batch, tile, padding):
+    """Accumulating in tiles and narrowing each at once changes no value and no exponent."""
+    gen = torch.Generator().manual_seed(seed)
+    x = QTensor(torch.randint(-127, 128, (batch, 3, 9, 9), generator=gen).to(torch.int8), -7)
+    w = torch.randint(-127, 128, (4, 3, 3, 3), generator=gen).to(torch.int8)
+    whole = IntConv2d(w, -7, padding=padding).forward(x, store=False)
+    tiled = IntConv2d(w, -7, padding=padding, tile=tile).forward(x, store=False)
+    assert torch.equal(whole.values, tiled.values)
+    assert int(whole.exponent) == int(tiled.exponent)

@@ -59,7 +59,7 @@ def _convert_leaf(path: str, m: nn.Module, drop_bias: bool) -> IntLayer:
         q = quantize(m.weight)
         return IntConv2d(q.values, q.exponent, stride=tuple(m.stride), padding=tuple(m.padding))
     if isinstance(m, nn.ReLU):
-        return IntReLU()
+        return IntReLU(inplace=m.inplace)
     if isinstance(m, nn.MaxPool2d):
         _require(m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)), where, "padding=0 and dilation=1")
         _require(not m.ceil_mode and not m.return_indices, where, "ceil_mode=False, return_indices=False")
@@ -125,11 +125,11 @@ def int8_lenet5(generator: torch.Generator, num_classes: int = 10, in_channels: 
     """LeNet-5 as ``elasticzo.models.LeNet5`` (input [B, in_channels, 28, 28]), in int8, no bias."""
     g = generator
     return IntSequential(
-        int_conv2d(in_channels, 6, 5, g, padding=2), IntReLU(), IntMaxPool2d(2),  # [B, 6, 14, 14]
-        int_conv2d(6, 16, 5, g), IntReLU(), IntMaxPool2d(2),  # [B, 16, 5, 5]
+        int_conv2d(in_channels, 6, 5, g, padding=2), IntReLU(inplace=True), IntMaxPool2d(2),  # [B, 6, 14, 14]
+        int_conv2d(6, 16, 5, g), IntReLU(inplace=True), IntMaxPool2d(2),  # [B, 16, 5, 5]
         IntFlatten(),  # [B, 400]
-        int_linear(400, 120, g), IntReLU(),
-        int_linear(120, 84, g), IntReLU(),
+        int_linear(400, 120, g), IntReLU(inplace=True),
+        int_linear(120, 84, g), IntReLU(inplace=True),
         int_linear(84, num_classes, g),  # [B, num_classes]
     )
 
@@ -141,6 +141,6 @@ def int8_mlp(
     widths = (in_features, *hidden)
     layers: list[IntLayer] = [IntFlatten()]
     for a, b in zip(widths[:-1], widths[1:]):
-        layers += [int_linear(a, b, generator), IntReLU()]
+        layers += [int_linear(a, b, generator), IntReLU(inplace=True)]
     layers.append(int_linear(widths[-1], num_classes, generator))
     return IntSequential(*layers)

@@ -28,6 +28,7 @@ from elasticzo.int8.update import int8_noise, niti_update, perturb
 from elasticzo.zo.noise import derive_seed
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
+UPDATE_CHUNK = 8192  # weights updated per round: int64 temporaries of 64 KiB, not 8x the layer
 
 
 class IntElasticZO:
@@ -121,8 +122,13 @@ class IntElasticZO:
         s = (bitlength(self.d_scale.clamp(min=1)) + self.zo_shift).clamp(max=62)
         self.last_d = d
         for i, layer in enumerate(self.zo_layers):
-            z = self._direction(i)
+            z = self._direction(i).reshape(-1)
             gen = torch.Generator(device=layer.weight.device)
             gen.manual_seed(derive_seed(self.seed, self.step_count, 1, i))  # query 1: rounding noise
-            step = shift_round_stochastic(d * z.to(torch.int64), s, gen)
-            layer.weight = saturate_int8(layer.weight.to(torch.int64) - step)
+            old, new = layer.weight.reshape(-1), torch.empty_like(layer.weight)
+            flat = new.view(-1)
+            for lo in range(0, old.numel(), UPDATE_CHUNK):  # int64 temporaries of one chunk only
+                hi = lo + UPDATE_CHUNK
+                step = shift_round_stochastic(d * z[lo:hi].to(torch.int64), s, gen)
+                flat[lo:hi] = saturate_int8(old[lo:hi].to(torch.int64) - step)
+            layer.weight = new

@@ -12,11 +12,12 @@ perturbed copy built out of place), so ZO never writes to ``layer.weight``.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from elasticzo.int8.format import Exponent, QTensor, requantize_int32
+from elasticzo.int8.format import ACC_BITS, Exponent, QTensor, requantize_int32
+from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest
 from elasticzo.int8.ops import (
     int8_conv2d,
     int8_conv2d_grad_input,
@@ -27,6 +28,28 @@ from elasticzo.int8.ops import (
     int8_maxpool2d,
     int8_maxpool2d_backward,
 )
+
+
+def requantize_tiled(acc_of: Callable[[int, int], torch.Tensor], batch: int, tile: int, exponent: Exponent) -> QTensor:
+    """``requantize_int32`` of an accumulator computed ``tile`` rows at a time, never whole.
+
+    The int32 accumulator of a conv is 4x its int8 result and would cap the memory saving of
+    INT8 over FP32. Pass 1 takes the shift from every tile's largest entry; pass 2 recomputes
+    each tile and narrows it at once into the int8 output. The result equals the untiled
+    requantisation exactly (same shift, same rounding of every entry), for twice the products.
+    """
+    top = None
+    for lo in range(0, batch, tile):
+        bits = bitlength(acc_of(lo, lo + tile))
+        top = bits if top is None else torch.maximum(top, bits)
+    s = (top - ACC_BITS).clamp(min=0)
+    out = None
+    for lo in range(0, batch, tile):
+        part = saturate_int8(shift_round_nearest(acc_of(lo, lo + tile), s))
+        if out is None:
+            out = torch.empty((batch, *part.shape[1:]), dtype=torch.int8, device=part.device)
+        out[lo:lo + tile] = part
+    return QTensor(out, exponent + s)
 
 
 class IntLayer:
@@ -107,14 +130,20 @@ class IntLinear(_WeightLayer):
 class IntConv2d(_WeightLayer):
     """Cross-correlation as nn.Conv2d without bias, weight [O, C, kh, kw] int8."""
 
-    def __init__(self, weight: torch.Tensor, weight_exponent: int, stride=1, padding=0):
+    def __init__(self, weight: torch.Tensor, weight_exponent: int, stride=1, padding=0, tile: int = 0):
         super().__init__(weight, weight_exponent)
         self.stride, self.padding = stride, padding
+        self.tile = tile  # images per tile of the int32 accumulator (0: the whole batch at once)
 
     def forward(self, x: QTensor, store: bool = True, weight: torch.Tensor | None = None) -> QTensor:
         self._input = x if store else None
-        acc = int8_conv2d(x.values, self._weight(weight), self.stride, self.padding)  # channels-last strides
-        out = requantize_int32(acc, x.exponent + self.weight_exponent)
+        w = self._weight(weight)
+        exponent = x.exponent + self.weight_exponent
+        if self.tile and x.shape[0] > self.tile:
+            conv = lambda lo, hi: int8_conv2d(x.values[lo:hi], w, self.stride, self.padding)
+            return requantize_tiled(conv, x.shape[0], self.tile, exponent)
+        acc = int8_conv2d(x.values, w, self.stride, self.padding)  # channels-last strides
+        out = requantize_int32(acc, exponent)
         return QTensor(out.values.contiguous(), out.exponent)  # copy the int8 result, not the int32 one
 
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
@@ -135,12 +164,14 @@ class IntConv2d(_WeightLayer):
 class IntReLU(IntLayer):
     """max(x, 0) on int8; backward passes the error where x > 0 (0 at x == 0, as PyTorch)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inplace: bool = False) -> None:
+        self.inplace = inplace  # overwrite the input, as nn.ReLU(inplace=True): one int8 copy less
         self._mask: torch.Tensor | None = None
 
     def forward(self, x: QTensor, store: bool = True) -> QTensor:
         self._mask = x.values > 0 if store else None  # bool: 1 byte per element
-        return QTensor(x.values.clamp(min=0), x.exponent)
+        values = x.values.clamp_(min=0) if self.inplace else x.values.clamp(min=0)
+        return QTensor(values, x.exponent)
 
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         if self._mask is None:

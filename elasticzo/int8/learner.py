@@ -42,6 +42,8 @@ class IntLearner:
         self.net = build_int_model(config.model, num_classes, gen)
         for layer in self.net.weight_layers():
             layer.weight = layer.weight.to(device)
+            if hasattr(layer, "tile"):
+                layer.tile = config.int8_tile
         self.bp_layers = resolve_bp_layers(config, len(self.net.weight_layers()))
         self.optimizer = IntElasticZO(self.net, self.bp_layers, eps=1, zo_shift=config.int8_zo_shift,
                                       mu=config.int8_lr_bits, seed=config.seed)

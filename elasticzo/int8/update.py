@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from elasticzo.zo.noise import random_bits
+
 from elasticzo.int8.rounding import (
     INT8_MAX,
     bitlength,
@@ -51,15 +53,14 @@ def apply_niti_update(layers, mu: int) -> None:
 def int8_noise(shape, generator: torch.Generator, kind: str = "rademacher", device=None) -> torch.Tensor:
     """int8 direction z regenerated from ``generator``: Rademacher +-1 or ternary {-1, 0, +1}.
 
-    Rademacher uses one random bit per entry (32 per draw), so regenerating z is cheap.
+    Rademacher uses one random bit per entry (8 per random byte), so regenerating z is cheap.
     """
     shape = torch.Size(shape)
     device = generator.device if device is None else device
     n = shape.numel()
     if kind == "rademacher":
-        words = torch.randint(0, 1 << 32, ((n + 31) // 32, 1), generator=generator, device=device)
-        bits = ((words >> torch.arange(32, device=device)) & 1).reshape(-1)[:n]  # [n] of 0/1
-        return (bits.to(torch.int8) * 2 - 1).reshape(shape)
+        bits = random_bits(n, generator, device).view(torch.int8)  # [n] of 0/1, n bytes
+        return bits.mul_(2).sub_(1).reshape(shape)
     if kind == "ternary":
         return (torch.randint(0, 3, shape, generator=generator, device=device, dtype=torch.int8) - 1)
     raise ValueError(f"unknown int8 noise kind {kind!r}; choose one of {NOISE_KINDS}")

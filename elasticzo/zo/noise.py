@@ -43,12 +43,28 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator, kind: str = "ga
     raise ValueError(f"unknown noise kind {kind!r}; choose one of {NOISE_KINDS}")
 
 
+BITS_CHUNK = 8192  # bits drawn per round: bounds the int32 temporaries at 4 * 8192 bytes
+
+
+def random_bits(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """n fair random bits as uint8 0/1, 32 per random int32 word.
+
+    About 4x faster than randn; drawn in rounds of ``BITS_CHUNK`` so that the word-to-bit
+    temporaries stay small (whole, they would be 8x the size of the int8 direction).
+    """
+    out = torch.empty(n, dtype=torch.uint8, device=device)
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    for lo in range(0, n, BITS_CHUNK):
+        hi = min(lo + BITS_CHUNK, n)
+        words = torch.randint(-(1 << 31), 1 << 31, ((hi - lo + 31) // 32, 1), generator=generator,
+                              device=device, dtype=torch.int32)
+        out[lo:hi] = ((words >> shifts) & 1).reshape(-1)[: hi - lo]
+    return out
+
+
 def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """+-1 from 32 random bits per draw: about 5x faster than randn, 60x faster than bernoulli_."""
-    n = like.numel()
-    words = torch.randint(0, 1 << 32, ((n + 31) // 32, 1), generator=generator, device=like.device)
-    shifts = torch.arange(32, device=like.device)
-    bits = ((words >> shifts) & 1).reshape(-1)[:n]  # [n] of 0/1
+    """+-1 entries shaped like ``like``."""
+    bits = random_bits(like.numel(), generator, like.device)
     return bits.to(like.dtype).mul_(2).sub_(1).reshape(like.shape)
 
 
