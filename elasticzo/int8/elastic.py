@@ -3,11 +3,15 @@
 One step on an int8 batch, integer arithmetic only:
 
     L+ = CE_int(net(x; W_Z + eps z, W_B))      tail stores its inputs, NITI backward -> G+
-    L- = CE_int(net(x; W_Z - eps z, W_B))      NITI backward -> G-
+    L- = CE_int(net(x; W_Z - eps z, W_B))      forward only, nothing stored
     d  = L+ - L-                               integer loss units (2**-16 bits, batch sum)
     s  = bitlength(D) + zo_shift               D: running mean of |d| (integer EMA, 1/16 decay)
     W_Z <- sat(W_Z - SR(d * z / 2**s))         SR: stochastic rounding from a seeded generator
-    W_B <- NITI(W_B, G+ + G-, mu)              the largest step has about mu bits
+    W_B <- NITI(W_B, G+, mu)                   the largest step has about mu bits
+
+The BP part takes the gradient of the + pass only (METHOD.md allows it): NITI normalises the
+step by the gradient's bit length anyway, so averaging with G- changes little, while skipping
+the second backward saves its time and keeps the weight gradients in int32.
 
 z is int8 Rademacher, regenerated per layer from derive_seed(seed, step, 0, layer) and never
 stored; perturbed weights sat(W +- eps z) are built out of place one layer at a time, so W_Z
@@ -23,12 +27,24 @@ from elasticzo.bench.timing import phase
 from elasticzo.int8.format import QTensor
 from elasticzo.int8.layers import IntSequential
 from elasticzo.int8.loss import cross_entropy, cross_entropy_loss
-from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_stochastic
-from elasticzo.int8.update import int8_noise, niti_update, perturb
+from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_pseudo_stochastic, shift_round_stochastic
+from elasticzo.int8.update import int8_noise, perturb
 from elasticzo.zo.noise import derive_seed
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
 UPDATE_CHUNK = 8192  # weights updated per round: int64 temporaries of 64 KiB, not 8x the layer
+
+
+def niti_update_chunked(weight: torch.Tensor, grad_acc: torch.Tensor, mu: int) -> torch.Tensor:
+    """``niti_update`` (same shift, same elementwise rounding) with temporaries of one chunk only."""
+    s = (bitlength(grad_acc) - mu).clamp(min=0)
+    old, grad, new = weight.reshape(-1), grad_acc.reshape(-1), torch.empty_like(weight)
+    flat = new.view(-1)
+    for lo in range(0, old.numel(), UPDATE_CHUNK):
+        hi = lo + UPDATE_CHUNK
+        step = shift_round_pseudo_stochastic(grad[lo:hi], s)
+        flat[lo:hi] = saturate_int8(old[lo:hi].to(step.dtype) - step)
+    return new
 
 
 class IntElasticZO:
@@ -83,36 +99,33 @@ class IntElasticZO:
             x = layer.forward(x, store=store)
         return x
 
-    def _pass(self, x: QTensor, y: torch.Tensor, sign: int, grads: list) -> torch.Tensor:
-        """One perturbed pass: the integer loss, and the tail's weight gradients added to ``grads``."""
+    def _pass(self, x: QTensor, y: torch.Tensor, sign: int, backward: bool) -> torch.Tensor:
+        """One (perturbed) pass: the integer loss; with ``backward``, NITI gradients in the tail."""
         with phase("forward"):
-            logits = self.forward(x, sign, store=bool(self.tail))
-        if not self.bp_layers:
+            logits = self.forward(x, sign, store=backward)
+        if not backward:
             return cross_entropy_loss(logits, y)
         loss, grad = cross_entropy(logits, y)
         with phase("backward"):
             for layer in reversed(self.tail):
                 grad = layer.backward(grad, input_grad=layer is not self.tail[0])
-        for i, layer in enumerate(self.bp_layers):
-            acc = layer.grad_acc.to(torch.int64)
-            grads[i] = acc if grads[i] is None else grads[i] + acc
-            layer.grad_acc = None
         return loss
 
     def step(self, x: QTensor, y: torch.Tensor) -> torch.Tensor:
         """One training step; returns the integer loss summed over the batch (mean of the passes)."""
-        grads: list[torch.Tensor | None] = [None] * len(self.bp_layers)
+        has_bp = bool(self.bp_layers)
         if not self.zo_layers:
-            loss = self._pass(x, y, 0, grads)
+            loss = self._pass(x, y, 0, backward=True)
         else:
-            loss_plus = self._pass(x, y, +1, grads)
-            loss_minus = self._pass(x, y, -1, grads)
+            loss_plus = self._pass(x, y, +1, backward=has_bp)
+            loss_minus = self._pass(x, y, -1, backward=False)
             with phase("update"):
                 self._zo_update(loss_plus - loss_minus)
             loss = (loss_plus + loss_minus) >> 1
         with phase("update"):
-            for layer, g in zip(self.bp_layers, grads):
-                layer.weight = niti_update(layer.weight, g, self.mu)
+            for layer in self.bp_layers:
+                layer.weight = niti_update_chunked(layer.weight, layer.grad_acc, self.mu)
+                layer.grad_acc = layer.grad_exponent = None
         self.step_count += 1
         return loss
 
