@@ -197,7 +197,7 @@ class IntMaxPool2d(IntLayer):
         self._input_shape: torch.Size | None = None
 
     def forward(self, x: QTensor, store: bool = True) -> QTensor:
-        out, arg = int8_maxpool2d(x.values, self.kernel_size, self.stride)
+        out, arg = int8_maxpool2d(x.values, self.kernel_size, self.stride, with_argmax=store)
         self._arg, self._input_shape = (arg, x.shape) if store else (None, None)
         return QTensor(out, x.exponent)
 

@@ -269,7 +269,7 @@ def _window(v: torch.Tensor, i: int, j: int, out_hw: tuple[int, int], stride: tu
     return v[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
 
 
-def int8_maxpool2d(x: torch.Tensor, kernel, stride=None) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_maxpool2d(x: torch.Tensor, kernel, stride=None, with_argmax: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Max-pool (no padding) -> (max [B, C, OH, OW], argmax offset in the window, int8 row-major).
 
     A running max over the kh*kw window offsets: elementwise ops on strided views, several
@@ -283,10 +283,11 @@ def int8_maxpool2d(x: torch.Tensor, kernel, stride=None) -> tuple[torch.Tensor, 
         raise ValueError(f"pooling window {kh}x{kw} has more than 127 offsets")
     out_hw = conv_output_size(x.shape[2], x.shape[3], (kh, kw), st, 0)
     best = _window(x, 0, 0, out_hw, st)
-    arg = torch.zeros(best.shape, dtype=torch.int8, device=x.device)
+    arg = torch.zeros(best.shape, dtype=torch.int8, device=x.device) if with_argmax else None
     for o in range(1, kh * kw):
         cand = _window(x, o // kw, o % kw, out_hw, st)
-        arg = arg.masked_fill(cand > best, o)  # strict: an equal later entry does not win
+        if with_argmax:  # forward-only passes (the ZO part) skip the argmax bookkeeping
+            arg = arg.masked_fill(cand > best, o)  # strict: an equal later entry does not win
         best = torch.maximum(best, cand)
     return best.contiguous(), arg
 
