@@ -193,7 +193,7 @@ def test_int8_measurements_when_the_learner_exists(tmp_path, data_root):
     results = run_bench(BenchConfig(out=str(tmp_path), quick=True, precision="all", methods=("zo", "k1"),
                                     datasets=("mnist",), train_grid=False, timing_steps=3, warmup=1, rounds=1,
                                     data_root=str(data_root), download=False, plots=False), log=lambda _: None)
-    assert not results["notes"]  # an INT8 failure would be noted and the row left out
+    assert not [n for n in results["notes"] if "INT8" in n]  # a failure would be noted, its row left out
     for key in ("zo-int8", "k1-int8"):
         m = results["measurements"][key]
         assert m["peak_bytes"] > 0 and math.isfinite(m["median_step_ms"]) and m["label"].startswith("INT8")
