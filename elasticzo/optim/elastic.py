@@ -47,6 +47,11 @@ def _check(name: str, value: float, ok: bool, rule: str) -> None:
         raise ValueError(f"invalid {name}={value!r}: must be {rule}")
 
 
+def apply_direction(param: torch.Tensor, z: torch.Tensor, coef: torch.Tensor) -> None:
+    """param += coef * z in one pass (the one definition of the ZO update of a parameter)."""
+    param.addcmul_(z, coef)
+
+
 class ElasticZO(torch.optim.Optimizer):
     """Hybrid ZO/BP optimiser over an ordered list of ZO layers and BP layers.
 
@@ -198,18 +203,18 @@ class ElasticZO(torch.optim.Optimizer):
         return corrected.sqrt().clamp_min(1e-12)
 
     def _zo_update(self, zo: dict, grads: list[torch.Tensor]) -> None:
-        """theta <- theta (1 - lr wd) - sum_j (g_j lr / q) z_j, regenerating each z_j from its seed."""
+        """theta <- theta (1 - lr wd) + sum_j (-g_j lr / q) z_j, regenerating each z_j from its seed."""
         lr, q = zo["lr"], zo["queries"]
         if zo["weight_decay"]:
             torch._foreach_mul_(zo["params"], 1 - lr * zo["weight_decay"])
         for j, g in enumerate(grads):
-            coef = g * (lr / q)
+            coef = g * (-lr / q)  # 0-dim tensor: no host sync
             for i, layer in enumerate(self.zo_layers):
                 params = [p for p in layer.parameters(recurse=False)]
                 with phase("noise"):
                     noise = layer_noise(params, derive_seed(zo["seed"], zo["step"], j, i), zo["noise"])
                 for p, z in zip(params, noise):
-                    p.sub_(z.mul_(coef))
+                    apply_direction(p, z, coef)
 
     def _bp_update(self, bp: dict, passes: int) -> None:
         """SGD on the BP part with the mean gradient of the passes, as ``torch.optim.SGD`` does it."""

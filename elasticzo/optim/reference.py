@@ -16,6 +16,7 @@ from torch import nn
 from torch.func import functional_call
 
 from elasticzo.models.layers import split_layers
+from elasticzo.optim.elastic import apply_direction
 from elasticzo.zo.noise import derive_seed, layer_noise
 from elasticzo.zo.perturb import perturb
 
@@ -60,13 +61,13 @@ class ReferenceElasticZO:
             g = (loss_p - loss_m) / (2 * self.eps)
             if self.grad_clip is not None:
                 g = g.clamp(-self.grad_clip, self.grad_clip)
-            coefs.append(g * (self.lr_zo / self.q))
+            coefs.append(g * (-self.lr_zo / self.q))
             directions.append(z)
             grad_sum = [s + a + b for s, a, b in zip(grad_sum, grads_p, grads_m)] if zo_params else list(grads_p)
         with torch.no_grad():
             for coef, z in zip(coefs, directions):
                 for name, p in zo_params.items():
-                    p.sub_(z[name].mul(coef))
+                    apply_direction(p, z[name], coef)
             passes = 2 * self.q if zo_params else 1
             for p, s in zip(bp_params, grad_sum):
                 p.add_(s / passes, alpha=-self.lr_bp)

@@ -43,7 +43,7 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator, kind: str = "ga
     raise ValueError(f"unknown noise kind {kind!r}; choose one of {NOISE_KINDS}")
 
 
-BITS_CHUNK = 8192  # bits drawn per round: bounds the int32 temporaries at 4 * 8192 bytes
+BITS_CHUNK = 1 << 14  # bits drawn per round: bounds the int32 temporaries at 64 KiB
 
 
 def random_bits(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -69,8 +69,11 @@ def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def layer_noise(params: list[torch.Tensor], seed: int, kind: str) -> list[torch.Tensor]:
-    """Directions for all parameters of one layer, drawn in order from one generator."""
+    """Directions for all parameters of one layer: one draw for the whole layer, split into views
+    shaped like each parameter (fewer, larger random calls than one per parameter)."""
     if not params:
         return []
     gen = layer_generator(seed, params[0].device)
-    return [sample_noise(p, gen, kind) for p in params]
+    flat = sample_noise(torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
+                                    device=params[0].device), gen, kind)  # [n]
+    return [z.view(p.shape) for z, p in zip(flat.split([p.numel() for p in params]), params)]
