@@ -18,8 +18,12 @@ SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "lenet5"  # lenet5 | mlp
-    dataset: str = "mnist"  # mnist | fashion-mnist
+    model: str = "lenet5"  # lenet5 | mlp | pointnet (point datasets)
+    dataset: str = "mnist"  # mnist | fashion-mnist | mnist-points | fashion-mnist-points | modelnet40
+    classes: str = ""  # keep only these labels, renumbered 0..n-1 in this order (e.g. 5-9 or 0,2,4); '' keeps all
+    num_points: int = 256  # points per cloud of a point dataset
+    points_3d: bool = False  # mnist-points / fashion-mnist-points: turn each cloud by a random 3D rotation
+    init: str = ""  # fine-tune: start from this checkpoint's weights (a new head if the class count differs)
     method: str = "elasticzo"  # bp: all layers BP; zo: vanilla ZO; elasticzo: last --bp-layers in BP
     bp_layers: int = 1  # ElasticZO split: the last K parametrised layers train with backprop
     precision: str = "fp32"  # fp32 | int8 (integer-only ElasticZO-INT8)
@@ -64,7 +68,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
-        positive = ("epochs", "batch_size", "queries", "eps")
+        positive = ("epochs", "batch_size", "queries", "eps", "num_points")
         non_negative = ("bp_layers", "lr_zo", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
                         "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift", "int8_tile")
         for name in positive:

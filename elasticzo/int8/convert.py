@@ -1,7 +1,7 @@
 """Entry points into the integer engine: convert a float model, or build one from integers.
 
 ``convert(model)`` maps a float ``nn.Sequential`` of Conv2d / Linear / ReLU / MaxPool2d /
-Flatten (LeNet-5, MLP) to an ``IntSequential``; every weight gets its own power-of-two
+Flatten / GlobalMaxPool (LeNet-5, MLP, PointNet) to an ``IntSequential``; every weight gets its own power-of-two
 exponent (``quantize``). NITI layers have no bias, so biases are handled explicitly:
 
 * an all-zero bias (or ``bias=None``) is dropped silently: nothing changes;
@@ -9,7 +9,7 @@ exponent (``quantize``). NITI layers have no bias, so biases are handled explici
   warning (fine-tuning then starts from a slightly different function; the first steps
   usually absorb it). Silently changing the function would be the worse default.
 
-``int8_lenet5`` / ``int8_mlp`` build the same architectures directly in int8 (NITI trains from
+``int8_lenet5`` / ``int8_mlp`` / ``int8_pointnet`` build the same architectures directly in int8 (NITI trains from
 scratch this way), with randomness from the generator passed in: no float model, no global RNG.
 """
 from __future__ import annotations
@@ -21,8 +21,18 @@ import torch
 from torch import nn
 
 from elasticzo.int8.format import quantize
-from elasticzo.int8.layers import IntConv2d, IntFlatten, IntLayer, IntLinear, IntMaxPool2d, IntReLU, IntSequential
+from elasticzo.int8.layers import (
+    IntConv2d,
+    IntFlatten,
+    IntGlobalMaxPool,
+    IntLayer,
+    IntLinear,
+    IntMaxPool2d,
+    IntReLU,
+    IntSequential,
+)
 from elasticzo.int8.rounding import INT8_MAX
+from elasticzo.models.pointnet import HEAD_WIDTHS, POINT_WIDTHS, GlobalMaxPool
 
 INIT_EXPONENT = -7  # int8 init values are in units of 2**-7: value range [-1, 1)
 
@@ -64,12 +74,14 @@ def _convert_leaf(path: str, m: nn.Module, drop_bias: bool) -> IntLayer:
         _require(m.padding in (0, (0, 0)) and m.dilation in (1, (1, 1)), where, "padding=0 and dilation=1")
         _require(not m.ceil_mode and not m.return_indices, where, "ceil_mode=False, return_indices=False")
         return IntMaxPool2d(m.kernel_size, m.stride)
+    if isinstance(m, GlobalMaxPool):
+        return IntGlobalMaxPool()
     if isinstance(m, nn.Flatten):
         _require(m.start_dim == 1 and m.end_dim == -1, where, "start_dim=1, end_dim=-1")
         return IntFlatten()
     raise TypeError(
         f"convert: unsupported {where}; the integer engine supports Conv2d, Linear, ReLU, "
-        "MaxPool2d and Flatten"
+        "MaxPool2d, Flatten and GlobalMaxPool"
     )
 
 
@@ -143,4 +155,19 @@ def int8_mlp(
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [int_linear(a, b, generator), IntReLU(inplace=True)]
     layers.append(int_linear(widths[-1], num_classes, generator))
+    return IntSequential(*layers)
+
+
+def int8_pointnet(generator: torch.Generator, num_classes: int = 10, point_widths: tuple[int, ...] = POINT_WIDTHS,
+                  head_widths: tuple[int, ...] = HEAD_WIDTHS, in_features: int = 3) -> IntSequential:
+    """PointNet as ``elasticzo.models.PointNet`` (input [B, N, 3]), in int8, no bias."""
+    layers: list[IntLayer] = []
+    widths = (in_features, *point_widths)
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [int_linear(a, b, generator), IntReLU(inplace=True)]  # per point: [B, N, b]
+    layers.append(IntGlobalMaxPool())  # [B, point_widths[-1]]
+    widths = (point_widths[-1], *head_widths)
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [int_linear(a, b, generator), IntReLU(inplace=True)]
+    layers.append(int_linear(widths[-1], num_classes, generator))  # [B, num_classes]
     return IntSequential(*layers)

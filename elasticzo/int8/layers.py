@@ -107,24 +107,46 @@ class _WeightLayer(IntLayer):
 
 
 class IntLinear(_WeightLayer):
-    """y = x @ W^T, weight [out, in] int8."""
+    """y = x @ W^T over the last dim, weight [out, in] int8: x is [B, in], or [B, N, in] per point.
+
+    Per-point inputs (PointNet's shared MLP) have an int32 accumulator [B, N, out], 4x the int8
+    output; ``tile`` > 0 computes it ``tile`` examples at a time (``requantize_tiled``: the same
+    result exactly). 2-D inputs are never tiled: their accumulator is small.
+    """
+
+    def __init__(self, weight: torch.Tensor, weight_exponent: int, tile: int = 0):
+        super().__init__(weight, weight_exponent)
+        self.tile = tile  # examples per int32 accumulator tile of a per-point input (0: all at once)
 
     def forward(self, x: QTensor, store: bool = True, weight: torch.Tensor | None = None) -> QTensor:
         self._input = x if store else None
-        acc = int8_linear(x.values, self._weight(weight))  # [B, out]
-        return requantize_int32(acc, x.exponent + self.weight_exponent)
+        w = self._weight(weight)
+        exponent = x.exponent + self.weight_exponent
+        if x.values.dim() == 2:
+            return requantize_int32(int8_linear(x.values, w), exponent)  # [B, out]
+        rows = lambda lo, hi: _per_point_linear(x.values[lo:hi], w)  # [hi - lo, N, out]
+        if self.tile and x.shape[0] > self.tile:
+            return requantize_tiled(rows, x.shape[0], self.tile, exponent)
+        return requantize_int32(rows(0, x.shape[0]), exponent)
 
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         x = self._saved_input()
-        self.grad_acc = int8_linear_grad_weight(grad.values, x.values)  # [out, in]
+        g2, x2 = grad.values.reshape(-1, grad.shape[-1]), x.values.reshape(-1, x.shape[-1])  # points as rows
+        self.grad_acc = int8_linear_grad_weight(g2, x2)  # [out, in]
         self.grad_exponent = grad.exponent + x.exponent
         self.clear()
         if not input_grad:
             return None
-        return requantize_int32(int8_linear_grad_input(grad.values, self.weight), grad.exponent + self.weight_exponent)
+        gx = int8_linear_grad_input(g2, self.weight).reshape(*x.shape[:-1], -1)
+        return requantize_int32(gx, grad.exponent + self.weight_exponent)
 
     def extra_repr(self) -> str:
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, weight_exponent={self.weight_exponent}"
+
+
+def _per_point_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[B, N, in] int8 -> [B, N, out] integer accumulator: one matmul over all B*N points."""
+    return int8_linear(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
 
 
 class IntConv2d(_WeightLayer):
@@ -217,6 +239,40 @@ class IntMaxPool2d(IntLayer):
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
 
 
+class IntGlobalMaxPool(IntLayer):
+    """[B, N, C] -> [B, C]: max over the points on int8 (PointNet); backward sends each error to its arg max.
+
+    The arg max comes from the same ``max(dim=1)`` as the float ``GlobalMaxPool``, so both pick the
+    same point on ties. Forward-only passes (``store=False``) take ``amax`` and keep no indices.
+    """
+
+    def __init__(self) -> None:
+        self._arg: torch.Tensor | None = None  # int64 [B, C]: which point won each channel
+        self._points: int | None = None
+
+    def forward(self, x: QTensor, store: bool = True) -> QTensor:
+        if x.values.dim() != 3:
+            raise ValueError(f"IntGlobalMaxPool takes [B, N, C], got shape {tuple(x.shape)}")
+        if not store:
+            self.clear()
+            return QTensor(x.values.amax(dim=1), x.exponent)
+        values, self._arg = x.values.max(dim=1)
+        self._points = x.shape[1]
+        return QTensor(values, x.exponent)
+
+    def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
+        if self._arg is None:
+            raise RuntimeError("IntGlobalMaxPool.backward needs forward(x, store=True) first")
+        b, c = grad.shape
+        out = torch.zeros((b, self._points, c), dtype=torch.int8, device=grad.values.device)
+        out.scatter_(1, self._arg.unsqueeze(1), grad.values.unsqueeze(1))  # errors are only moved
+        self.clear()
+        return QTensor(out, grad.exponent)
+
+    def clear(self) -> None:
+        self._arg, self._points = None, None
+
+
 class IntFlatten(IntLayer):
     """[B, ...] -> [B, prod(...)]; backward reshapes back (only the shape is stored)."""
 
@@ -287,4 +343,5 @@ class IntSequential:
         return f"IntSequential({body}\n)"
 
 
-__all__ = ["IntLayer", "IntLinear", "IntConv2d", "IntReLU", "IntMaxPool2d", "IntFlatten", "IntSequential"]
+__all__ = ["IntLayer", "IntLinear", "IntConv2d", "IntReLU", "IntMaxPool2d", "IntGlobalMaxPool", "IntFlatten",
+           "IntSequential"]

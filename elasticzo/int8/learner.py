@@ -2,13 +2,17 @@
 
 Images arrive as raw uint8 pixels; ``quantize_pixels`` turns them into int8 with exponent -8
 (pixel / 256) by one shift, and from there every operation of a step is integer.
+
+Point clouds are float coordinates in about [-1, 1]. They are quantised ONCE, when the dataset
+is loaded (``quantize_points``: int8 with the fixed exponent -7, value q / 128), so batches arrive
+as int8 and the training step stays integer-only: ``quantize_input`` only wraps them.
 """
 from __future__ import annotations
 
 import torch
 
 from elasticzo.config import TrainConfig
-from elasticzo.int8.convert import int8_lenet5, int8_mlp
+from elasticzo.int8.convert import int8_lenet5, int8_mlp, int8_pointnet
 from elasticzo.int8.elastic import IntElasticZO
 from elasticzo.int8.format import QTensor
 from elasticzo.int8.loss import loss_to_nats
@@ -16,6 +20,7 @@ from elasticzo.train.checkpoint import CheckpointError
 from elasticzo.train.learner import resolve_bp_layers
 
 PIXEL_EXPONENT = -8  # int8 pixel p >> 1 stands for (p >> 1) * 2**-7 = about p / 256
+POINT_EXPONENT = -7  # int8 coordinate q stands for q / 128: [-1, 1) in steps of 1/128
 
 
 def quantize_pixels(x: torch.Tensor) -> QTensor:
@@ -25,12 +30,28 @@ def quantize_pixels(x: torch.Tensor) -> QTensor:
     return QTensor((x >> 1).to(torch.int8), PIXEL_EXPONENT + 1)
 
 
+def quantize_points(x: torch.Tensor) -> torch.Tensor:
+    """float clouds -> int8 round(x * 128), saturated to [-127, 127]: once, at load time (not in a step)."""
+    if not x.is_floating_point():
+        raise TypeError(f"quantize_points takes float coordinates, got {x.dtype}")
+    return torch.round(x * (2.0 ** -POINT_EXPONENT)).clamp_(-127, 127).to(torch.int8)
+
+
+def quantize_input(x: torch.Tensor) -> QTensor:
+    """A batch as the engine's input: uint8 pixels (one shift) or int8 points from ``quantize_points`` (a wrap)."""
+    if x.dtype == torch.int8:
+        return QTensor(x, POINT_EXPONENT)
+    return quantize_pixels(x)
+
+
 def build_int_model(name: str, num_classes: int, generator: torch.Generator):
     if name == "lenet5":
         return int8_lenet5(generator, num_classes)
     if name == "mlp":
         return int8_mlp(generator, num_classes=num_classes)
-    raise ValueError(f"--model: no INT8 version of {name!r}; choose lenet5 or mlp")
+    if name == "pointnet":
+        return int8_pointnet(generator, num_classes)
+    raise ValueError(f"--model: no INT8 version of {name!r}; choose lenet5, mlp or pointnet")
 
 
 class IntLearner:
@@ -53,7 +74,7 @@ class IntLearner:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One integer step; the returned loss is converted to mean nats for the logs only."""
-        loss = self.optimizer.step(quantize_pixels(x), y)
+        loss = self.optimizer.step(quantize_input(x), y)
         return loss_to_nats(loss) / x.shape[0]
 
     def step_record(self) -> torch.Tensor | None:
@@ -62,7 +83,7 @@ class IntLearner:
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.optimizer.forward(quantize_pixels(x)).values.argmax(dim=1)
+        return self.optimizer.forward(quantize_input(x)).values.argmax(dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"model.{i}.weight": layer.weight for i, layer in enumerate(self.net.weight_layers())}

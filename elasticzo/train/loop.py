@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from elasticzo.config import RESUME_FREE, TrainConfig
-from elasticzo.data import BatchLoader, get_spec, load_split
+from elasticzo.data import BatchLoader, is_point_dataset, load_dataset
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 CHECK_EVERY = 50  # steps between host syncs (finite-loss check, progress bar, seed-log buffer)
@@ -70,11 +70,17 @@ def train(config: TrainConfig, log=print) -> list[dict]:
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir or config.default_run_dir())
     data = _load_data(config, device)
-    learner = make_learner(config, get_spec(config.dataset).num_classes, device)
+    learner = make_learner(config, data["num_classes"], device)
+    if config.init:  # before _start, so that a resumed fine-tuning run overwrites it
+        from elasticzo.train.finetune import init_from_checkpoint
+
+        log(init_from_checkpoint(learner, config, config.init))
     loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed)
     pos = _start(config, run_dir, learner)
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
         f"bp_layers={getattr(learner, 'bp_layers', '-')} {config.precision} on {device}")
+    if config.init and pos.global_step == 0 and not pos.history:
+        log(json.dumps(_initial_record(config, run_dir, learner, data, pos)))
     total = config.epochs * len(loader)
     while pos.epoch < config.epochs:
         _train_epoch(config, run_dir, learner, loader, pos, total)
@@ -83,13 +89,35 @@ def train(config: TrainConfig, log=print) -> list[dict]:
     return pos.history
 
 
-def _load_data(config: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
-    raw = config.precision == "int8"  # the integer engine quantises raw pixels itself
-    x, y = load_split(config.dataset, config.data_root, "train", config.download,
-                      config.train_limit or None, normalise=not raw)
-    xt, yt = load_split(config.dataset, config.data_root, "test", config.download,
-                        config.test_limit or None, normalise=not raw)
-    return {"x": x.to(device), "y": y.to(device), "x_test": xt.to(device), "y_test": yt.to(device)}
+def _load_data(config: TrainConfig, device: torch.device) -> dict:
+    """Both splits on ``device`` and the class count. INT8 inputs are integers from here on:
+    images stay raw uint8 (the engine shifts them), point clouds are quantised to int8 once."""
+    model_points, data_points = config.model == "pointnet", is_point_dataset(config.dataset)
+    if model_points != data_points:
+        raise ValueError(f"--model {config.model} does not fit --dataset {config.dataset}: pointnet takes the "
+                         "point datasets (mnist-points, fashion-mnist-points, modelnet40), the others take images")
+    int8 = config.precision == "int8"
+    data = {}
+    for split, limit, key in (("train", config.train_limit, ""), ("test", config.test_limit, "_test")):
+        part = load_dataset(config.dataset, config.data_root, split, config.download, limit or None,
+                            classes=config.classes, raw=int8, num_points=config.num_points, lift3d=config.points_3d)
+        x = part.x
+        if int8 and x.is_floating_point():
+            from elasticzo.int8.learner import quantize_points
+
+            x = quantize_points(x)
+        data["x" + key], data["y" + key], data["num_classes"] = x.to(device), part.y.to(device), part.num_classes
+    return data
+
+
+def _initial_record(config, run_dir: Path, learner, data, pos: RunPosition) -> dict:
+    """Epoch 0 of a fine-tuning run: the test accuracy of the initial weights, before any step."""
+    record = {"epoch": 0, "test_acc": evaluate(learner, data["x_test"], data["y_test"], config.batch_size * 16),
+              "steps": 0, "init": config.init}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    pos.history.append(record)
+    return record
 
 
 def _start(config: TrainConfig, run_dir: Path, learner) -> RunPosition:

@@ -1,0 +1,146 @@
+"""Fine-tuning: start a run from the weights of a trained checkpoint (``--init CHECKPOINT``).
+
+Every layer takes the checkpoint's weights except, when the class count differs, the head (the
+last parametrised layer), which keeps its fresh seeded init. The optimiser starts fresh (no
+momentum, step 0): fine-tuning is a new run that only borrows weights.
+
+Float runs take float checkpoints of the same architecture. INT8 runs take either
+
+* an INT8 checkpoint (integer weights and their exponents, e.g. pretrained with NITI:
+  ``--precision int8 --method bp``): copied as they are; or
+* a float checkpoint: loaded into the float model and converted once (``int8.convert``), the
+  usual path for a net pretrained on a server and adapted on the device. NITI layers have no
+  bias, so the biases are dropped (with a warning): the converted net starts close to, not
+  exactly at, the float one.
+
+Anything that does not fit (another model, other widths, a corrupt file) raises a
+``CheckpointError`` that names the file and the first mismatch.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from elasticzo.config import TrainConfig
+from elasticzo.models import build_model, parametrised_layers
+from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, load_into_module
+from elasticzo.train.learner import seeded
+
+PREFIX = "model."
+
+
+def init_from_checkpoint(learner, config: TrainConfig, path: str) -> str:
+    """Load the weights of checkpoint ``path`` into ``learner``; returns a one-line summary."""
+    tensors, meta = load_checkpoint(path)
+    weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    if not weights:
+        raise CheckpointError(f"{path}: holds no model weights (no '{PREFIX}*' tensors)")
+    is_int8 = any(v.dtype == torch.int8 for v in weights.values())
+    if hasattr(learner, "net"):  # the INT8 learner
+        if is_int8:
+            kept = _init_int_from_int(learner.net, weights, meta, path)
+        else:
+            kept = _init_int_from_float(learner.net, weights, config.model, path)
+    elif is_int8:
+        raise CheckpointError(f"{path}: is an INT8 checkpoint; a float run cannot start from it "
+                              "(use --precision int8, or a float checkpoint)")
+    else:
+        kept = _init_float(learner.model, weights, path)
+    head = "kept the checkpoint's head" if kept else "new head (the class count differs)"
+    return f"init from {path}: {head}"
+
+
+def _init_float(model: nn.Module, weights: dict[str, torch.Tensor], path) -> bool:
+    """Copy ``weights`` into ``model``; the head keeps its init if only its class count differs."""
+    state = model.state_dict()
+    head = _head_keys(model)
+    new_head = _differs_only_in_classes(state, weights, head, path)
+    if new_head:
+        weights = {**weights, **{k: state[k] for k in head}}
+    load_into_module(model, {PREFIX + k: v for k, v in weights.items()}, path, prefix=PREFIX)
+    return not new_head
+
+
+def _head_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the last parametrised layer (the classifier head)."""
+    head = parametrised_layers(model)[-1]
+    name = next(n for n, m in model.named_modules() if m is head)
+    return [f"{name}.{p}" if name else p for p, _ in head.named_parameters(recurse=False)]
+
+
+def _differs_only_in_classes(state: dict, weights: dict, head: list[str], path) -> bool:
+    """True when every tensor fits except the head's class dimension; CheckpointError otherwise."""
+    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: does not fit the model: missing {missing}, unexpected {unexpected} "
+                              "(was it trained with another --model?)")
+    new_head = False
+    for key, value in weights.items():
+        want = state[key].shape
+        if value.shape == want:
+            continue
+        if key in head and value.shape[1:] == want[1:]:
+            new_head = True
+            continue
+        raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model wants {tuple(want)} "
+                              "(another architecture or width?)")
+    return new_head
+
+
+def _init_int_from_int(net, weights: dict[str, torch.Tensor], meta: dict, path) -> bool:
+    layers = net.weight_layers()
+    exponents = meta.get("learner", {}).get("weight_exponents")
+    if exponents is None or len(exponents) != len(layers) or len(weights) != len(layers):
+        raise CheckpointError(f"{path}: an INT8 checkpoint of {len(weights)} weight layers "
+                              f"(exponents {exponents}) does not fit this model's {len(layers)}")
+    new_head = False
+    for i, layer in enumerate(layers):
+        value = weights.get(f"{i}.weight")
+        if value is None or value.dtype != torch.int8:
+            raise CheckpointError(f"{path}: model.{i}.weight is missing or not int8")
+        if value.shape != layer.weight.shape:
+            if i == len(layers) - 1 and value.shape[1:] == layer.weight.shape[1:]:
+                new_head = True  # keep the fresh int8 head and its exponent
+                continue
+            raise CheckpointError(f"{path}: model.{i}.weight has shape {tuple(value.shape)}, "
+                                  f"the model wants {tuple(layer.weight.shape)}")
+        layer.weight = value.to(layer.weight.device).clone()
+        layer.weight_exponent = int(exponents[i])
+    return not new_head
+
+
+def _init_int_from_float(net, weights: dict[str, torch.Tensor], model_name: str, path) -> bool:
+    """Build the float model the checkpoint fits, load it, convert it, copy the integer weights."""
+    from elasticzo.int8.convert import convert
+
+    layers = net.weight_layers()
+    classes = _checkpoint_classes(weights, model_name, path)
+    with seeded(0):  # the init is overwritten; only the global RNG must stay untouched
+        float_model = build_model(model_name, classes)
+    load_into_module(float_model, {PREFIX + k: v for k, v in weights.items()}, path, prefix=PREFIX)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one summary warning below instead of one per layer
+        converted = convert(float_model, drop_bias=True).weight_layers()
+    if any(m.bias is not None and bool(m.bias.ne(0).any()) for m in parametrised_layers(float_model)):
+        warnings.warn(f"--init {path}: the float biases were dropped (integer layers have none)", stacklevel=2)
+    new_head = classes != layers[-1].weight.shape[0]
+    for i, (layer, source) in enumerate(zip(layers, converted)):
+        if i == len(layers) - 1 and new_head:
+            break
+        if source.weight.shape != layer.weight.shape:
+            raise CheckpointError(f"{path}: weight layer {i} converts to shape {tuple(source.weight.shape)}, "
+                                  f"the INT8 model wants {tuple(layer.weight.shape)}")
+        layer.weight = source.weight.to(layer.weight.device)
+        layer.weight_exponent = source.weight_exponent
+    return not new_head
+
+
+def _checkpoint_classes(weights: dict[str, torch.Tensor], model_name: str, path) -> int:
+    """The class count of a float checkpoint: the rows of its head weight."""
+    with seeded(0):
+        head = _head_keys(build_model(model_name))[0]
+    if head not in weights:
+        raise CheckpointError(f"{path}: no {head} tensor: not a float {model_name} checkpoint")
+    return int(weights[head].shape[0])
