@@ -29,13 +29,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         text = helps.get(f.name, "")
-        if f.type in ("bool", bool):
+        kind = config_module.field_kind(f.name)
+        if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=text)
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
         choices = _choices(f.name)
         parser.add_argument(flag, dest=f.name, type=kind, default=f.default, choices=choices,
-                            help=f"{text} (default: {f.default!r})")
+                            help=text)
 
 
 def _choices(name: str):

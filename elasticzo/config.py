@@ -32,15 +32,15 @@ class TrainConfig:
     batch_size: int = 64
     schedule: str = "cosine"  # learning-rate schedule over all steps: constant | cosine
     # ZO part (SPSA)
-    lr_zo: float = 1e-3
+    lr_zo: float | None = None  # ZO learning rate; default 3e-4 for --method zo, 1e-3 otherwise
     eps: float = 1e-3  # perturbation scale
     queries: int = 1  # random directions per step
     noise: str = "gaussian"  # gaussian | rademacher
     grad_clip: float = 100.0  # bound on |projected gradient|; 0 disables
-    normalize: bool = False  # divide g by its running RMS: fixed ZO step size, no late divergence
+    normalize: bool = True  # divide g by its running RMS: fixed ZO step size, no late divergence
     zo_weight_decay: float = 0.0
     # BP part (SGD)
-    lr_bp: float = 0.02
+    lr_bp: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 0.0
     bp_grad: str = "mean"  # mean: average grads of the + and - passes; plus: + passes only
@@ -69,7 +69,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps", "num_points")
-        non_negative = ("bp_layers", "lr_zo", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
+        non_negative = ("bp_layers", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
                         "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift", "int8_tile")
         for name in positive:
             if not getattr(self, name) > 0:
@@ -77,11 +77,19 @@ class TrainConfig:
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
+        if self.lr_zo is not None and not self.lr_zo >= 0:
+            raise ValueError(f"--lr-zo: must be >= 0, got {self.lr_zo!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum: must be in [0, 1), got {self.momentum!r}")
         if not 1 <= self.int8_lr_bits <= 8:
             raise ValueError(f"--int8-lr-bits: must be in 1..8, got {self.int8_lr_bits!r}")
         return self
+
+    def zo_learning_rate(self) -> float:
+        """--lr-zo, or the default measured to work for the method (see README, Results)."""
+        if self.lr_zo is not None:
+            return self.lr_zo
+        return 3e-4 if self.method == "zo" else 1e-3
 
     def default_run_dir(self) -> str:
         split = f"-k{self.bp_layers}" if self.method == "elasticzo" else ""
@@ -105,6 +113,15 @@ class TrainConfig:
 
 # Settings that may differ between a run and its resumption without changing the result.
 RESUME_FREE = ("resume", "progress", "data_root", "download", "device", "run_dir", "checkpoint_every", "epochs")
+
+
+def field_kind(name: str) -> type:
+    """The scalar type of a TrainConfig field (bool, int, float or str), from its annotation."""
+    annotation = str({f.name: f.type for f in dataclasses.fields(TrainConfig)}[name])
+    for kind in (bool, int, float):
+        if kind.__name__ in annotation:
+            return kind
+    return str
 
 
 def _flag(name: str) -> str:

@@ -188,3 +188,15 @@ def test_a_pointnet_int8_training_step_is_integer_only(bp_layers):
     assert rec.count > 100 and rec.float_ops == []
     assert all(layer.weight.dtype == torch.int8 for layer in net.weight_layers())
     assert any(not torch.equal(a, layer.weight) for a, layer in zip(before, net.weight_layers()))
+
+
+def test_plan_measures_every_pointnet_split_in_both_precisions():
+    from elasticzo.bench.plan import measure_splits, random_batch
+
+    x, _ = random_batch(4, "int8", 10, model="pointnet", num_points=16)
+    assert x.shape == (4, 16, 3) and x.dtype == torch.int8
+    fp32 = measure_splits("pointnet", 8, "fp32", num_points=32)
+    int8 = measure_splits("pointnet", 8, "int8", num_points=32, int8_tile=1)
+    assert [r.k for r in fp32] == list(range(6)) and [r.k for r in int8] == list(range(6))
+    assert fp32[0].peak_bytes <= fp32[2].peak_bytes < fp32[5].peak_bytes  # more BP layers, more memory
+    assert all(i.peak_bytes < f.peak_bytes for i, f in zip(int8, fp32))

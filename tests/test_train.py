@@ -155,7 +155,7 @@ def test_seed_log_replays_the_zo_weights_bit_for_bit(tmp_path, data_root):
     train(cfg, log=lambda *_: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "seeds.jsonl").read_text().splitlines()]
     fresh = FloatLearner(cfg, 10, torch.device("cpu"))
-    lrs = [cfg.lr_zo * schedule_factor(cfg.schedule, r["step"] / len(records)) for r in records]
+    lrs = [cfg.zo_learning_rate() * schedule_factor(cfg.schedule, r["step"] / len(records)) for r in records]
     replay_zo(fresh.optimizer, records, lrs)
     trained = weights(tmp_path / "run")
     for name, value in fresh.model.state_dict().items():

@@ -76,9 +76,17 @@ def _layer_name(layer: torch.nn.Module) -> str:
     return type(layer).__name__
 
 
-def random_batch(batch_size: int, precision: str, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images and labels with the shape and dtype ``load_split`` gives for ``precision``."""
+def random_batch(batch_size: int, precision: str, num_classes: int, seed: int = 0, model: str = "lenet5",
+                 num_points: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs and labels with the shape and dtype training gives for ``precision``: images (raw
+    uint8 for int8) or, for ``pointnet``, clouds [B, num_points, 3] (int8 for int8, quantised once)."""
     gen = torch.Generator().manual_seed(seed)
+    if model == "pointnet":
+        from elasticzo.int8.learner import quantize_points
+
+        points = torch.rand(batch_size, num_points, 3, generator=gen) * 2 - 1
+        labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
+        return (quantize_points(points) if precision == "int8" else points), labels
     pixels = torch.randint(0, 256, (batch_size, *IMAGE_SHAPE), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
     if precision == "int8":
@@ -104,7 +112,8 @@ def measure_splits(model: str = "lenet5", batch_size: int = 64, precision: str =
     with seeded(seed):
         layers = parametrised_layers(build_model(model, num_classes))
     dev = resolve_device(device)
-    x, y = (t.to(dev) for t in random_batch(batch_size, precision, num_classes, seed))
+    batch = random_batch(batch_size, precision, num_classes, seed, model, settings.get("num_points", 256))
+    x, y = (t.to(dev) for t in batch)
     rows = []
     for k in range(len(layers) + 1):
         config = TrainConfig(**{**settings, "model": model, "method": "elasticzo", "bp_layers": k,

@@ -41,7 +41,7 @@ import torch
 from elasticzo.bench.memory import CATEGORIES, measure_step_memory
 from elasticzo.bench.peer import MeZOPeer, PlainBPLoop, forward_loss
 from elasticzo.bench.timing import OTHER, StepTimer
-from elasticzo.config import TrainConfig
+from elasticzo.config import TrainConfig, field_kind
 from elasticzo.data import get_spec, load_split
 from elasticzo.models import build_model
 from elasticzo.optim.elastic import ElasticZO
@@ -140,7 +140,7 @@ class Method:
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr_zo=3e-4", "normalize=true"]`` -> typed TrainConfig settings; ValueError names a bad item."""
-    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    types = {f.name: field_kind(f.name) for f in dataclasses.fields(TrainConfig)}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -273,8 +273,8 @@ def _peers(cfg: BenchConfig, batch: dict, device: torch.device) -> list[Candidat
             return build_model(cfg.model, get_spec(cfg.datasets[0]).num_classes).to(device)
 
     fwd, mezo, mezo_ip, plain = fresh(), fresh(), fresh(), fresh()
-    mezo_peer = MeZOPeer(mezo, lr=tc.lr_zo, eps=tc.eps, seed=cfg.seed)
-    mezo_ip_peer = MeZOPeer(mezo_ip, lr=tc.lr_zo, eps=tc.eps, seed=cfg.seed, in_place=True)
+    mezo_peer = MeZOPeer(mezo, lr=tc.zo_learning_rate(), eps=tc.eps, seed=cfg.seed)
+    mezo_ip_peer = MeZOPeer(mezo_ip, lr=tc.zo_learning_rate(), eps=tc.eps, seed=cfg.seed, in_place=True)
     plain_peer = PlainBPLoop(plain, lr=tc.lr_bp, momentum=tc.momentum, weight_decay=tc.weight_decay)
     inputs = (x, y)
     return [

@@ -53,7 +53,7 @@ class FloatLearner:
             self.model: nn.Module = build_model(config.model, num_classes).to(device)
         self.bp_layers = resolve_bp_layers(config, len(parametrised_layers(self.model)))
         self.optimizer = ElasticZO.for_model(
-            self.model, self.bp_layers, lr_zo=config.lr_zo, lr_bp=config.lr_bp, eps=config.eps,
+            self.model, self.bp_layers, lr_zo=config.zo_learning_rate(), lr_bp=config.lr_bp, eps=config.eps,
             queries=config.queries, noise=config.noise, grad_clip=config.grad_clip or None, normalize=config.normalize,
             zo_weight_decay=config.zo_weight_decay, momentum=config.momentum,
             weight_decay=config.weight_decay, bp_grad=config.bp_grad, seed=config.seed)
