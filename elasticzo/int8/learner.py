@@ -68,9 +68,15 @@ class IntLearner:
         self.bp_layers = resolve_bp_layers(config, len(self.net.weight_layers()))
         self.optimizer = IntElasticZO(self.net, self.bp_layers, eps=1, zo_shift=config.int8_zo_shift,
                                       mu=config.int8_lr_bits, seed=config.seed)
+        self.base_mu, self.base_zo_shift, self.schedule = config.int8_lr_bits, config.int8_zo_shift, config.schedule
 
     def set_progress(self, progress: float) -> None:
-        """Integer learning rates are bit widths and shifts: no schedule."""
+        """Step decay of the integer learning rates, the integer twin of the float schedules:
+        with ``--schedule cosine`` both halve at 50 % and again at 75 % of the run (the NITI
+        bit width mu drops by one bit, the ZO shift grows by one)."""
+        drops = int(progress >= 0.5) + int(progress >= 0.75) if self.schedule != "constant" else 0
+        self.optimizer.mu = max(1, self.base_mu - drops)
+        self.optimizer.zo_shift = self.base_zo_shift + drops
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One integer step; the returned loss is converted to mean nats for the logs only."""
