@@ -195,8 +195,8 @@ def test_plan_measures_every_pointnet_split_in_both_precisions():
 
     x, _ = random_batch(4, "int8", 10, model="pointnet", num_points=16)
     assert x.shape == (4, 16, 3) and x.dtype == torch.int8
-    fp32 = measure_splits("pointnet", 8, "fp32", num_points=32)
-    int8 = measure_splits("pointnet", 8, "int8", num_points=32, int8_tile=1)
+    fp32 = measure_splits("pointnet", 16, "fp32", num_points=64)
+    int8 = measure_splits("pointnet", 16, "int8", num_points=64, int8_tile=1)
     assert [r.k for r in fp32] == list(range(6)) and [r.k for r in int8] == list(range(6))
     assert fp32[0].peak_bytes <= fp32[2].peak_bytes < fp32[5].peak_bytes  # more BP layers, more memory
     assert all(i.peak_bytes < f.peak_bytes for i, f in zip(int8, fp32))
