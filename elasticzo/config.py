@@ -93,7 +93,9 @@ class TrainConfig:
 
     def default_run_dir(self) -> str:
         split = f"-k{self.bp_layers}" if self.method == "elasticzo" else ""
-        return f"runs/{self.dataset}-{self.model}-{self.method}{split}-{self.precision}-s{self.seed}"
+        data = self.dataset + (f"-c{self.classes.replace(',', '_')}" if self.classes else "")
+        tune = "-ft" if self.init else ""  # a fine-tuning run never lands in its pretraining run's dir
+        return f"runs/{data}-{self.model}-{self.method}{split}-{self.precision}{tune}-s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

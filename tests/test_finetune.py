@@ -120,3 +120,11 @@ def test_epoch_0_is_the_accuracy_of_the_checkpoint_on_the_new_task(checkpoints, 
     test = load_dataset("mnist", data_root, "test", limit=32, classes="5-9")
     assert history[0] == {"epoch": 0, "test_acc": evaluate(learner, test.x, test.y), "steps": 0, "init": cfg.init}
     assert history[1]["steps"] == 2
+
+
+def test_default_run_dirs_of_pretraining_and_fine_tuning_differ():
+    pre = TrainConfig(classes="0-4", method="bp")
+    tune = TrainConfig(classes="0-4", method="bp", init="runs/x/checkpoint.safetensors")
+    assert pre.default_run_dir() == "runs/mnist-c0-4-lenet5-bp-fp32-s0"
+    assert tune.default_run_dir() == "runs/mnist-c0-4-lenet5-bp-fp32-ft-s0"
+    assert TrainConfig(classes="0,2").default_run_dir() == "runs/mnist-c0_2-lenet5-elasticzo-k1-fp32-s0"
