@@ -30,7 +30,7 @@ def main():
 
     torch.manual_seed(0)
     model = LeNet5().to(device)
-    opt = ElasticZO.for_model(model, args.bp_layers, lr_zo=1e-3, lr_bp=0.02, momentum=0.9, seed=0)
+    opt = ElasticZO.for_model(model, args.bp_layers, lr_zo=1e-3, lr_bp=0.05, momentum=0.9, normalize=True, seed=0)
 
     for epoch in range(args.epochs):
         model.train()

@@ -160,3 +160,15 @@ def test_seed_log_replays_the_zo_weights_bit_for_bit(tmp_path, data_root):
     trained = weights(tmp_path / "run")
     for name, value in fresh.model.state_dict().items():
         assert torch.equal(value, trained[f"model.{name}"]), name
+
+
+def test_example_loop_runs(data_root):
+    """examples/train_mnist.py, the loop users diff against their own, runs and learns."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "train_mnist.py"
+    done = subprocess.run([sys.executable, str(script), "--data-root", str(data_root), "--limit", "3200",
+                           "--bp-layers", "3", "--epochs", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    accuracy = float(done.stdout.strip().splitlines()[-1].split("test accuracy")[1].split("%")[0])
+    assert accuracy > 50  # 50 steps with 3 BP layers: far above the 10 % of chance

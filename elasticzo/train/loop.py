@@ -85,7 +85,9 @@ def train(config: TrainConfig, log=print) -> list[dict]:
     while pos.epoch < config.epochs:
         _train_epoch(config, run_dir, learner, loader, pos, total)
         record = _end_epoch(config, run_dir, learner, data, pos)
-        log(json.dumps(record))
+        log(f"epoch {record['epoch']}/{config.epochs}: test_acc {record['test_acc']:.2f} % | "
+            f"train_loss {record['train_loss']:.4f} | {record['epoch_seconds']:.1f} s "
+            f"({1e3 * record['step_seconds']:.2f} ms/step)")
     return pos.history
 
 
