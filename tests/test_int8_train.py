@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from elasticzo.config import TrainConfig
@@ -11,7 +12,7 @@ from elasticzo.int8.convert import int8_lenet5
 from elasticzo.int8.elastic import IntElasticZO
 from elasticzo.int8.learner import quantize_pixels
 from elasticzo.int8.loss import cross_entropy
-from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_stochastic
+from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest, shift_round_stochastic
 from elasticzo.int8.update import apply_niti_update, int8_noise
 from elasticzo.train.checkpoint import load_checkpoint
 from elasticzo.train.loop import CHECKPOINT, train
@@ -70,10 +71,37 @@ def test_perturbed_forward_restores_weights_exactly():
     assert all(torch.equal(a, b) for a, b in zip(before, weights(net)))
 
 
-def test_zo_update_is_the_documented_integer_rule():
+def test_zo_update_with_carry_is_the_documented_integer_rule():
     net, pixels, y = net_and_batch()
     before = weights(net)
     opt = IntElasticZO(net, 0, zo_shift=2, seed=7)
+    opt.step(quantize_pixels(pixels), y)
+    d = opt.last_d
+    s = bitlength((d.abs() >> 4).clamp(min=1)) + 2
+    for i, (w0, layer) in enumerate(zip(before, net.weight_layers())):
+        z = int8_noise(w0.shape, torch.Generator().manual_seed(derive_seed(7, 0, 0, i))).to(torch.int64)
+        total = 128 + shift_round_nearest(d * z, s - 8)  # in 1/256 weight units, carry starting at 1/2
+        assert torch.equal(layer.weight, saturate_int8(w0.to(torch.int64) - (total >> 8)))
+        assert torch.equal(opt.carries[i].to(torch.int64), total & 255)
+
+
+@settings(max_examples=30, deadline=None)
+@given(steps=st.lists(st.integers(-3000, 3000), min_size=1, max_size=40))
+def test_carry_applies_the_exact_sum_of_small_steps(steps):
+    """Carried updates lose nothing: after any sequence, W moved by round(sum of the steps)."""
+    net, _, _ = net_and_batch()
+    opt = IntElasticZO(net, 4, zo_shift=0)  # one ZO layer (conv1)
+    carry = opt.carries[0].view(-1)[:1]
+    applied = 0
+    for step in steps:  # step / 2**8 weight units each (s - F = 0)
+        applied += int(opt._carried_steps(torch.tensor([step]), torch.tensor(8), carry))
+    assert applied == (128 + sum(steps)) >> 8  # floor of (1/2 + sum): the sum rounded to nearest
+
+
+def test_zo_update_without_carry_uses_stochastic_rounding():
+    net, pixels, y = net_and_batch()
+    before = weights(net)
+    opt = IntElasticZO(net, 0, zo_shift=2, carry_bits=0, seed=7)
     opt.step(quantize_pixels(pixels), y)
     d = opt.last_d
     scale = (d.abs() >> 4).clamp(min=1)  # the running mean after one step from 0
@@ -112,7 +140,8 @@ def test_same_seed_same_integer_weights():
     assert not all(torch.equal(a, b) for a, b in zip(runs[0], runs[2]))
 
 
-@pytest.mark.parametrize("bad", [dict(eps=0), dict(eps=1.5), dict(zo_shift=-1), dict(mu=9), dict(bp_layers=6)])
+@pytest.mark.parametrize("bad", [dict(eps=0), dict(eps=1.5), dict(zo_shift=-1), dict(mu=9), dict(bp_layers=6),
+                                 dict(carry_bits=9)])
 def test_bad_settings_raise(bad):
     net, _, _ = net_and_batch()
     kw = {"bp_layers": 2, **bad}

@@ -94,6 +94,7 @@ class IntLearner:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = {f"model.{i}.weight": layer.weight for i, layer in enumerate(self.net.weight_layers())}
         tensors["optim.d_scale"] = self.optimizer.d_scale
+        tensors.update({f"optim.{i}.carry": c for i, c in enumerate(self.optimizer.carries)})
         return tensors
 
     def state_meta(self) -> dict:
@@ -110,4 +111,9 @@ class IntLearner:
         if meta.get("weight_exponents") != [layer.weight_exponent for layer in layers]:
             raise CheckpointError(f"{path}: weight exponents {meta.get('weight_exponents')} do not fit the model")
         self.optimizer.d_scale = tensors["optim.d_scale"].to(self.optimizer.d_scale.device).clone()
+        for i, carry in enumerate(self.optimizer.carries):
+            saved = tensors.get(f"optim.{i}.carry")
+            if saved is None or saved.shape != carry.shape:
+                raise CheckpointError(f"{path}: optim.{i}.carry is missing or has the wrong shape")
+            carry.copy_(saved)
         self.optimizer.step_count = meta["steps"][0]
