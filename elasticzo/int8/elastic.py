@@ -10,9 +10,9 @@ One step on an int8 batch, integer arithmetic only:
     W_Z <- sat(W_Z - (T >> F)),  R <- T & (2**F - 1)
     W_B <- NITI(W_B, G+, mu)                   the largest step has about mu bits
 
-The carry R (uint8 per ZO weight, F = ``carry_bits`` = 8) keeps the fraction of a weight unit
+The carry R (uint8 per ZO weight, F = 8 bits) keeps the fraction of a weight unit
 that the int8 weight cannot hold yet, so small steps add up exactly instead of being rounded
-away. Stochastic rounding (``carry_bits=0``) is unbiased too, but its variance is about
+away. Stochastic rounding (``carry=False``) is unbiased too, but its variance is about
 2**(s - bitlength|d|) times that of the step itself: with steps of 1/16 unit it buries the
 SPSA signal under 16x more noise. The carry costs one byte per ZO weight.
 
@@ -34,30 +34,11 @@ from elasticzo.bench.timing import phase
 from elasticzo.int8.format import QTensor
 from elasticzo.int8.layers import IntSequential
 from elasticzo.int8.loss import cross_entropy, cross_entropy_loss
-from elasticzo.int8.rounding import (
-    bitlength,
-    saturate_int8,
-    shift_round_nearest,
-    shift_round_pseudo_stochastic,
-    shift_round_stochastic,
-)
-from elasticzo.int8.update import int8_noise, perturb
+from elasticzo.int8.rounding import bitlength
+from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturb, zo_update
 from elasticzo.zo.noise import derive_seed
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
-UPDATE_CHUNK = 8192  # weights updated per round: int64 temporaries of 64 KiB, not 8x the layer
-
-
-def niti_update_chunked(weight: torch.Tensor, grad_acc: torch.Tensor, mu: int) -> torch.Tensor:
-    """``niti_update`` (same shift, same elementwise rounding) with temporaries of one chunk only."""
-    s = (bitlength(grad_acc) - mu).clamp(min=0)
-    old, grad, new = weight.reshape(-1), grad_acc.reshape(-1), torch.empty_like(weight)
-    flat = new.view(-1)
-    for lo in range(0, old.numel(), UPDATE_CHUNK):
-        hi = lo + UPDATE_CHUNK
-        step = shift_round_pseudo_stochastic(grad[lo:hi], s)
-        flat[lo:hi] = saturate_int8(old[lo:hi].to(step.dtype) - step)
-    return new
 
 
 class IntElasticZO:
@@ -68,11 +49,12 @@ class IntElasticZO:
         zo_shift: extra right shift of the ZO step; the expected |step| is about 2**-zo_shift units
             per weight when |d| is at its running mean.
         mu: NITI learning rate of the BP part, a bit width in 1..8.
+        carry: accumulate ZO steps exactly with a uint8 carry per weight (else stochastic rounding).
         seed: the directions and the rounding noise of step t come from derive_seed(seed, t, ...).
     """
 
     def __init__(self, net: IntSequential, bp_layers: int, *, eps: int = 1, zo_shift: int = 4, mu: int = 3,
-                 carry_bits: int = 8, seed: int = 0):
+                 carry: bool = True, seed: int = 0):
         weights = net.weight_layers()
         if not 0 <= bp_layers <= len(weights):
             raise ValueError(f"bp_layers={bp_layers} is out of range: the network has {len(weights)} "
@@ -83,18 +65,15 @@ class IntElasticZO:
             raise ValueError(f"zo_shift={zo_shift!r} must be in 0..30")
         if not 1 <= mu <= 8:
             raise ValueError(f"mu={mu!r} must be in 1..8 bits")
-        if not 0 <= carry_bits <= 8:
-            raise ValueError(f"carry_bits={carry_bits!r} must be in 0..8 (the carry is a uint8)")
         self.net, self.eps, self.zo_shift, self.mu, self.seed = net, eps, zo_shift, mu, seed
         self.zo_layers = weights[: len(weights) - bp_layers]
         self.bp_layers = weights[len(weights) - bp_layers:]
         first_bp = net.layers.index(self.bp_layers[0]) if self.bp_layers else len(net.layers)
         self.head, self.tail = net.layers[:first_bp], net.layers[first_bp:]
         self.step_count = 0
-        self.carry_bits = carry_bits
-        half = (1 << carry_bits) >> 1  # start each carry at half a unit: floor then rounds to nearest
+        half = 1 << (CARRY_BITS - 1)  # start each carry at half a unit: floor then rounds to nearest
         self.carries = [torch.full(l.weight.shape, half, dtype=torch.uint8, device=l.weight.device)
-                        for l in self.zo_layers] if carry_bits else []
+                        for l in self.zo_layers] if carry else []
         self.d_scale = torch.zeros((), dtype=torch.int64, device=net.weight_layers()[0].weight.device)
         self.last_d: torch.Tensor | None = None
 
@@ -144,35 +123,20 @@ class IntElasticZO:
             loss = (loss_plus + loss_minus) >> 1
         with phase("update"):
             for layer in self.bp_layers:
-                layer.weight = niti_update_chunked(layer.weight, layer.grad_acc, self.mu)
+                layer.weight = niti_update(layer.weight, layer.grad_acc, self.mu)
                 layer.grad_acc = layer.grad_exponent = None
         self.step_count += 1
         return loss
 
     def _zo_update(self, d: torch.Tensor) -> None:
-        """W <- sat(W - step), the step d z / 2**s carried or stochastically rounded (no host sync)."""
+        """W <- sat(W - d z / 2**s), carried or stochastically rounded; s follows |d| (no host sync)."""
         self.d_scale = self.d_scale - (self.d_scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT)
         s = (bitlength(self.d_scale.clamp(min=1)) + self.zo_shift).clamp(max=62)
         self.last_d = d
         for i, layer in enumerate(self.zo_layers):
-            z = self._direction(i).reshape(-1)
-            old, new = layer.weight.reshape(-1), torch.empty_like(layer.weight)
-            flat = new.view(-1)
-            if self.carry_bits:
-                carry = self.carries[i].view(-1)
-                steps = lambda lo, hi: self._carried_steps(d * z[lo:hi].to(torch.int64), s, carry[lo:hi])
+            if self.carries:
+                layer.weight = zo_update(layer.weight, self._direction(i), d, s, carry=self.carries[i])
             else:
                 gen = torch.Generator(device=layer.weight.device)
                 gen.manual_seed(derive_seed(self.seed, self.step_count, 1, i))  # query 1: rounding noise
-                steps = lambda lo, hi: shift_round_stochastic(d * z[lo:hi].to(torch.int64), s, gen)
-            for lo in range(0, old.numel(), UPDATE_CHUNK):  # int64 temporaries of one chunk only
-                hi = lo + UPDATE_CHUNK
-                flat[lo:hi] = saturate_int8(old[lo:hi].to(torch.int64) - steps(lo, hi))
-            layer.weight = new
-
-    def _carried_steps(self, dz: torch.Tensor, s: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
-        """Whole weight units of carry + dz / 2**(s - F); the fraction left stays in ``carry`` (in place)."""
-        f = self.carry_bits
-        total = carry.to(torch.int64) + shift_round_nearest(dz, (s - f).clamp(min=0))  # 2**-F units
-        carry.copy_(total & ((1 << f) - 1))
-        return total >> f
+                layer.weight = zo_update(layer.weight, self._direction(i), d, s, generator=gen)

@@ -14,14 +14,30 @@ from elasticzo.int8.rounding import (
     INT8_MAX,
     bitlength,
     saturate_int8,
+    shift_round_nearest,
     shift_round_pseudo_stochastic,
     shift_round_stochastic,
 )
 
 NOISE_KINDS = ("rademacher", "ternary")
+CARRY_BITS = 8  # fractional bits of the ZO carry: one uint8 per weight
 
 
 # ---------------------------------------------------------------- NITI back-propagation update
+
+
+UPDATE_CHUNK = 8192  # weights updated per round: int64 temporaries of 64 KiB, not 8x the layer
+
+
+def _chunked(weight: torch.Tensor, step_of) -> torch.Tensor:
+    """saturate(W - step_of(lo, hi)) chunk by chunk of the flattened weight, into a new int8 tensor."""
+    old, new = weight.reshape(-1), torch.empty_like(weight)
+    flat = new.view(-1)
+    for lo in range(0, old.numel(), UPDATE_CHUNK):
+        hi = lo + UPDATE_CHUNK
+        step = step_of(lo, hi)
+        flat[lo:hi] = saturate_int8(old[lo:hi].to(step.dtype) - step)
+    return new
 
 
 def niti_update(weight: torch.Tensor, grad_acc: torch.Tensor, mu: int) -> torch.Tensor:
@@ -30,13 +46,14 @@ def niti_update(weight: torch.Tensor, grad_acc: torch.Tensor, mu: int) -> torch.
     The gradient's scale (its exponent) is ignored on purpose: NITI's learning rate is the bit
     width ``mu`` of the largest step, so every step moves the most-affected weight by about
     2**(mu-1)..2**mu units whatever the loss scale. The shift s = max(bitlength - mu, 0) uses
-    pseudo-stochastic rounding (no random numbers needed, symmetric in sign).
+    pseudo-stochastic rounding (no random numbers needed, symmetric in sign); it is applied
+    chunk by chunk, so the temporaries are those of one chunk.
     """
     if not 1 <= mu <= 8:
         raise ValueError(f"mu={mu} must be in 1..8 bits (an int8 weight spans 8 bits)")
     s = (bitlength(grad_acc) - mu).clamp(min=0)
-    dw = shift_round_pseudo_stochastic(grad_acc, s)
-    return saturate_int8(weight.to(dw.dtype) - dw)
+    grad = grad_acc.reshape(-1)
+    return _chunked(weight, lambda lo, hi: shift_round_pseudo_stochastic(grad[lo:hi], s))
 
 
 def apply_niti_update(layers, mu: int) -> None:
@@ -78,33 +95,31 @@ def perturb(weight: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
     return saturate_int8(weight.to(torch.int16) + z.to(torch.int16) * eps)  # |.| <= 127 + 127*127
 
 
-def zo_update(
-    weight: torch.Tensor,
-    z: torch.Tensor,
-    d: torch.Tensor,
-    generator: torch.Generator,
-    lr_shift: int,
-    max_bits: int | None = 2,
-) -> torch.Tensor:
-    """Integer SPSA step: W - SR(d * z / 2**s), saturated, with d = L+ - L- (integer loss units).
+def zo_update(weight: torch.Tensor, z: torch.Tensor, d: torch.Tensor, s: torch.Tensor | int,
+              carry: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer SPSA step: saturate(W - d * z / 2**s), d = L+ - L- in integer loss units.
 
     The float rule is W - lr * (L+ - L-) / (2 eps) * z; here lr / (2 eps) and the loss scale are
-    one power of two 2**-lr_shift, and the shift is
+    one power of two 2**-s. The fraction of a weight unit is handled one of two ways:
 
-        s = max(lr_shift, bitlength(max|d * z|) - max_bits)
-
-    so the step is linear in d (an unbiased SGD step: stochastic rounding from ``generator``)
-    while |d| is small, and is clipped to at most 2**max_bits units per weight when |d| is large
-    (NITI-style normalisation: one noisy batch cannot wreck the int8 weights). ``max_bits=None``
-    disables the clip.
+    - ``carry`` (uint8, shaped like W, updated in place): with F = 8 fractional bits,
+      T = carry + round(d z / 2**(s - F)); W loses T >> F whole units and carry keeps T mod 2**F.
+      Nothing is lost: over any sequence of steps W moves by their sum, rounded once.
+    - ``generator``: stochastic rounding, unbiased, but with a variance of about 2**s / |d z|
+      units^2 per step, far above the step itself when steps are small.
     """
-    if not 0 <= lr_shift <= 62:
-        raise ValueError(f"lr_shift={lr_shift} must be in 0..62")
-    if max_bits is not None and not 0 <= max_bits <= 8:
-        raise ValueError(f"max_bits={max_bits} must be in 0..8 or None")
-    g = torch.as_tensor(d, dtype=torch.int64, device=z.device) * z.to(torch.int64)  # |d*z| < 2**62
-    s = torch.tensor(lr_shift, dtype=torch.int64, device=z.device)
-    if max_bits is not None:
-        s = torch.maximum(s, bitlength(g) - max_bits)
-    step = shift_round_stochastic(g, s.clamp(max=62), generator)
-    return saturate_int8(weight.to(torch.int64) - step)
+    if (carry is None) == (generator is None):
+        raise ValueError("zo_update takes exactly one of carry (exact accumulation) or generator (stochastic rounding)")
+    dz = d.to(torch.int64) * z.reshape(-1).to(torch.int64)  # [n], |d z| < 2**62
+    if carry is None:
+        return _chunked(weight, lambda lo, hi: shift_round_stochastic(dz[lo:hi], s, generator))
+    flat = carry.view(-1)
+    return _chunked(weight, lambda lo, hi: _carried(dz[lo:hi], s, flat[lo:hi]))
+
+
+def _carried(dz: torch.Tensor, s: torch.Tensor | int, carry: torch.Tensor) -> torch.Tensor:
+    """Whole weight units of carry + dz / 2**(s - F); the fraction left stays in ``carry`` (in place)."""
+    s = torch.as_tensor(s, dtype=torch.int64, device=dz.device)
+    total = carry.to(torch.int64) + shift_round_nearest(dz, (s - CARRY_BITS).clamp(min=0))  # 2**-F units
+    carry.copy_(total & ((1 << CARRY_BITS) - 1))
+    return total >> CARRY_BITS
