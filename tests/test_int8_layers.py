@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from elasticzo.int8.audit import DtypeAudit
 
 from elasticzo.int8 import (
     IntConv2d,
@@ -227,31 +227,13 @@ def test_int8_init_is_seeded_and_leaves_global_rng_alone():
 # ---------------------------------------------------------------- integer only, end to end
 
 
-class _FloatRecorder(TorchDispatchMode):
-    """Records every aten op whose inputs or outputs have a floating dtype."""
-
-    def __init__(self):
-        super().__init__()
-        self.float_ops: list[str] = []
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.count += 1
-        flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out])]
-        flat = [t for a in flat for t in (a if isinstance(a, (tuple, list)) else [a])]
-        if any(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in flat):
-            self.float_ops.append(str(func))
-        return out
-
-
 def test_hybrid_step_uses_integer_dtypes_only():
     """ZO forward at +-eps z, integer loss, ZO update, then NITI BP on the last layers."""
     gen = torch.Generator().manual_seed(0)
     net = int8_lenet5(gen)
     x, y = quantize(torch.rand(8, 1, 28, 28, generator=gen)), torch.randint(0, 10, (8,), generator=gen)
     zo_part, bp_part = net[:7], net[7:]
-    with _FloatRecorder() as rec:
+    with DtypeAudit() as rec:
         zs = [int8_noise(layer.weight.shape, torch.Generator().manual_seed(i)) for i, layer in enumerate(zo_part.weight_layers())]
         losses = []
         for eps in (1, -1):
@@ -264,7 +246,7 @@ def test_hybrid_step_uses_integer_dtypes_only():
             layer.weight = zo_update(layer.weight, z, d, 12, generator=torch.Generator().manual_seed(9))
         apply_niti_update(bp_part.weight_layers(), mu=2)
     assert rec.count > 100 and rec.float_ops == []
-    with _FloatRecorder() as control:  # the recorder does see floats: quantize is the float boundary
+    with DtypeAudit() as control:  # the recorder does see floats: quantize is the float boundary
         quantize(torch.rand(2, 3))
     assert control.float_ops
 

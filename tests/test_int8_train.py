@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from elasticzo.config import TrainConfig
+from elasticzo.int8.audit import DtypeAudit
 from elasticzo.int8.convert import int8_lenet5
 from elasticzo.int8.elastic import IntElasticZO
 from elasticzo.int8.learner import quantize_pixels
@@ -17,24 +17,6 @@ from elasticzo.int8.update import apply_niti_update, int8_noise, zo_update
 from elasticzo.train.checkpoint import load_checkpoint
 from elasticzo.train.loop import CHECKPOINT, train
 from elasticzo.zo.noise import derive_seed
-
-
-class DtypeRecorder(TorchDispatchMode):
-    """Every aten op with the dtypes of its tensor inputs and outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: list[tuple[str, set]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out])]
-        flat = [t for a in flat for t in (a if isinstance(a, (tuple, list)) else [a])]
-        self.ops.append((str(func), {t.dtype for t in flat if isinstance(t, torch.Tensor)}))
-        return out
-
-    def float_ops(self):
-        return [name for name, dtypes in self.ops if any(d.is_floating_point for d in dtypes)]
 
 
 def net_and_batch(seed=0, n=16):
@@ -51,14 +33,14 @@ def weights(net):
 def test_a_full_training_step_is_integer_only(bp_layers):
     net, pixels, y = net_and_batch()
     opt = IntElasticZO(net, bp_layers, seed=3)
-    with DtypeRecorder() as rec:
+    with DtypeAudit() as rec:
         for _ in range(2):  # the second step also exercises the running |d| scale
             opt.step(quantize_pixels(pixels), y)
-    assert len(rec.ops) > 100
-    assert rec.float_ops() == []
-    with DtypeRecorder() as control:  # the recorder does see floats
+    assert rec.count > 100
+    assert rec.float_ops == []
+    with DtypeAudit() as control:  # the recorder does see floats
         torch.ones(2).mul(2)
-    assert control.float_ops()
+    assert control.float_ops
 
 
 def test_perturbed_forward_restores_weights_exactly():
