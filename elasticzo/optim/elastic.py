@@ -184,7 +184,7 @@ class ElasticZO(torch.optim.Optimizer):
 
     def _projected_grad(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, zo: dict) -> torch.Tensor:
         g = (loss_plus - loss_minus) / (2 * zo["eps"])
-        g = torch.where(torch.isfinite(g), g, torch.zeros_like(g))  # a NaN/inf pass must not poison theta
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # a NaN/inf pass must not poison theta
         if zo["grad_clip"] is not None:
             g = g.clamp(-zo["grad_clip"], zo["grad_clip"])
         if zo["normalize"]:

@@ -27,9 +27,18 @@ def derive_seed(seed: int, step: int, query: int = 0, layer: int = 0) -> int:
     return h >> 1  # torch.Generator.manual_seed wants a value that fits int64
 
 
+_generators: dict[torch.device, torch.Generator] = {}
+
+
 def layer_generator(seed: int, device: torch.device) -> torch.Generator:
-    """A fresh generator on ``device`` seeded with ``seed`` (one per layer and query)."""
-    gen = torch.Generator(device=device)
+    """The generator of ``device`` reseeded with ``seed`` (one reseed per layer and query).
+
+    One generator object per device is reused: reseeding costs less than constructing one, and
+    what is drawn depends on the seed alone. Not for concurrent use from several threads.
+    """
+    gen = _generators.get(device)
+    if gen is None:
+        gen = _generators[device] = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
 
@@ -73,7 +82,13 @@ def layer_noise(params: list[torch.Tensor], seed: int, kind: str) -> list[torch.
     shaped like each parameter (fewer, larger random calls than one per parameter)."""
     if not params:
         return []
-    gen = layer_generator(seed, params[0].device)
-    flat = sample_noise(torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype,
-                                    device=params[0].device), gen, kind)  # [n]
+    first = params[0]
+    gen = layer_generator(seed, first.device)
+    n = sum(p.numel() for p in params)
+    if kind == "gaussian":
+        flat = torch.randn(n, generator=gen, dtype=first.dtype, device=first.device)
+    else:
+        flat = sample_noise(torch.empty(n, dtype=first.dtype, device=first.device), gen, kind)
+    if len(params) == 1:
+        return [flat.view(first.shape)]
     return [z.view(p.shape) for z, p in zip(flat.split([p.numel() for p in params]), params)]

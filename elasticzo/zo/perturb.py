@@ -1,14 +1,21 @@
 """Forward passes at theta + scale * z without ever writing to theta.
 
 MeZO perturbs parameters in place (+eps z, -2 eps z, +eps z); in floating point that does not
-return theta bit for bit, and the drift accumulates over a run. Here each ZO layer gets a forward
+return theta bit for bit, and the drift accumulates over a run. Here each ZO layer has a forward
 pre-hook that builds its perturbed weights out of place just before the layer runs and swaps them
-in; a forward hook swaps the original Parameters back right after. The parameters are never
-modified, and only one layer's perturbed copy is alive at a time (memory of inference).
+in, and a forward hook that swaps the original Parameters back right after. The parameters are
+never modified, and only one layer's perturbed copy is alive at a time (memory of inference).
+
+The hooks are installed once per layer, on first use, and stay: outside a ``perturbed`` block
+they return at once (one context-variable read), so evaluation and user code see the plain
+layer. Installing them once instead of per pass takes about 20 handle creations and removals off
+every step. A layer must run once per forward (no weight sharing inside the ZO part).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -17,7 +24,6 @@ from torch import nn
 from elasticzo.bench.memory import memory_tag
 from elasticzo.zo.noise import layer_noise
 
-
 def perturb(params: list[torch.Tensor], noise: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
     """theta + scale * z for each parameter, written over z in one pass (the one definition of a
     perturbed weight: the Reference twin and the tests call this too)."""
@@ -25,39 +31,55 @@ def perturb(params: list[torch.Tensor], noise: list[torch.Tensor], scale: float)
         return [torch.add(p, z, alpha=scale, out=z) for p, z in zip(params, noise)]
 
 
+@dataclass
+class _Perturbation:
+    """What the hooks do while a ``perturbed`` block is active."""
+    index: dict[int, int]  # id(layer) -> its position in the ZO part
+    layer_seeds: Callable[[int], int]
+    scale: float
+    kind: str
+    swapped: dict = field(default_factory=dict)  # (module, name) -> original Parameter
+
+
+_active: ContextVar[_Perturbation | None] = ContextVar("elasticzo_perturbation", default=None)
+_HOOKED = "_elasticzo_perturb_hooks"
+
+
 @contextmanager
 def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str) -> Iterator[None]:
     """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i)."""
-    swapped: dict[tuple[nn.Module, str], nn.Parameter] = {}
-    handles = []
-    for index, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(_swap_in(index, layer_seeds, scale, kind, swapped)))
-        handles.append(layer.register_forward_hook(_swap_out(swapped)))
+    for layer in layers:
+        if not hasattr(layer, _HOOKED):
+            setattr(layer, _HOOKED, (layer.register_forward_pre_hook(_swap_in), layer.register_forward_hook(_swap_out)))
+    spec = _Perturbation({id(layer): i for i, layer in enumerate(layers)}, layer_seeds, scale, kind)
+    token = _active.set(spec)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
-        _restore(swapped)  # a forward that raised half-way must not leave perturbed weights behind
+        _active.reset(token)
+        _restore(spec.swapped)  # a forward that raised half-way must not leave perturbed weights behind
 
 
-def _swap_in(index: int, layer_seeds: Callable[[int], int], scale: float, kind: str, swapped: dict):
-    def hook(module: nn.Module, args):
-        names = [n for n, p in module._parameters.items() if p is not None]
-        params = [module._parameters[n] for n in names]
-        with memory_tag("zo_noise"):
-            noisy = perturb(params, layer_noise(params, layer_seeds(index), kind), scale)
-        for name, param, value in zip(names, params, noisy):
-            swapped[(module, name)] = param
-            module._parameters[name] = value  # plain tensor: read by the layer's forward via getattr
-    return hook
+def _swap_in(module: nn.Module, args) -> None:
+    spec = _active.get()
+    index = None if spec is None else spec.index.get(id(module))
+    if index is None:
+        return
+    names = [n for n, p in module._parameters.items() if p is not None]
+    params = [module._parameters[n] for n in names]
+    with memory_tag("zo_noise"):
+        noisy = perturb(params, layer_noise(params, spec.layer_seeds(index), spec.kind), spec.scale)
+    for name, param, value in zip(names, params, noisy):
+        spec.swapped[(module, name)] = param
+        module._parameters[name] = value  # plain tensor: read by the layer's forward via getattr
 
 
-def _swap_out(swapped: dict):
-    def hook(module: nn.Module, args, output):
-        for key in [k for k in swapped if k[0] is module]:
-            module._parameters[key[1]] = swapped.pop(key)
-    return hook
+def _swap_out(module: nn.Module, args, output) -> None:
+    spec = _active.get()
+    if spec is None or id(module) not in spec.index:
+        return
+    for name in [n for (m, n) in spec.swapped if m is module]:
+        module._parameters[name] = spec.swapped.pop((module, name))
 
 
 def _restore(swapped: dict) -> None:
