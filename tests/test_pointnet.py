@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from elasticzo.int8 import IntGlobalMaxPool, IntLinear, IntReLU, QTensor, convert, dequantize, quantize, requantize_int32
+from elasticzo.int8.audit import DtypeAudit
 from elasticzo.int8.convert import int8_pointnet
 from elasticzo.int8.elastic import IntElasticZO
 from elasticzo.int8.learner import POINT_EXPONENT, quantize_input, quantize_points
@@ -156,23 +155,6 @@ def test_points_are_quantised_once_to_a_fixed_exponent():
         quantize_points(q)
 
 
-class FloatOps(TorchDispatchMode):
-    """Counts aten ops and records those that touch a floating dtype."""
-
-    def __init__(self):
-        super().__init__()
-        self.count, self.float_ops = 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.count += 1
-        flat = [*args, *(kwargs or {}).values(), *(out if isinstance(out, (tuple, list)) else [out])]
-        flat = [t for a in flat for t in (a if isinstance(a, (tuple, list)) else [a])]
-        if any(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in flat):
-            self.float_ops.append(str(func))
-        return out
-
-
 @pytest.mark.parametrize("bp_layers", [0, 2, 3, 5])
 def test_a_pointnet_int8_training_step_is_integer_only(bp_layers):
     net = int8_pointnet(torch.Generator().manual_seed(0))
@@ -182,7 +164,7 @@ def test_a_pointnet_int8_training_step_is_integer_only(bp_layers):
     y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
     before = [layer.weight.clone() for layer in net.weight_layers()]
     opt = IntElasticZO(net, bp_layers, seed=3)
-    with FloatOps() as rec:
+    with DtypeAudit() as rec:
         for _ in range(2):  # the second step also exercises the running |d| scale
             opt.step(quantize_input(points), y)
     assert rec.count > 100 and rec.float_ops == []
