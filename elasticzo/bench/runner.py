@@ -420,6 +420,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(cfg.threads)
     try:
         notes: list[str] = []
+        meta = _meta(cfg)  # the commit of the code this process runs, taken before the long work
         methods = grid_methods(cfg, notes)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -427,7 +428,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         if not cfg.train_grid:
             notes.append("Training grid not run (--measure-only): accuracy rows are absent.")
         meas = measure(cfg, methods, notes, log)
-        results = {"meta": _meta(cfg), "notes": notes, "runs": runs, "measurements": meas,
+        results = {"meta": meta, "notes": notes, "runs": runs, "measurements": meas,
                    "restore_drift": restore_drift(cfg, cfg.timing_steps), "ratios": compute_ratios(meas, runs)}
         write_results(results, out)
         if cfg.plots:
