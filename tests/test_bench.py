@@ -27,13 +27,7 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 FP32_LABELS = ["BP", "ZO", "ElasticZO k=1", "ElasticZO k=2", "ElasticZO k=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the bench uses: on a busy 2-core machine, 2 threads run these steps ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

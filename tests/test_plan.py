@@ -13,13 +13,7 @@ from elasticzo.cli import main
 BATCH = 4  # small batch: the whole table is measured in a second or two
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread, as the bench uses: on a busy 2-core machine, 2 threads run these steps ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
