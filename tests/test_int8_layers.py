@@ -279,3 +279,19 @@ def test_tiled_conv_equals_untiled_exactly(seed, batch, tile, padding):
     tiled = IntConv2d(w, -7, padding=padding, tile=tile).forward(x, store=False)
     assert torch.equal(whole.values, tiled.values)
     assert int(whole.exponent) == int(tiled.exponent)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(2, 7), tile=st.integers(1, 3), padding=st.integers(0, 2))
+def test_tiled_conv_backward_equals_untiled_exactly(seed, batch, tile, padding):
+    gen = torch.Generator().manual_seed(seed)
+    x = QTensor(torch.randint(-127, 128, (batch, 3, 8, 8), generator=gen).to(torch.int8), -7)
+    w = torch.randint(-127, 128, (4, 3, 3, 3), generator=gen).to(torch.int8)
+    outs = []
+    for t in (0, tile):
+        layer = IntConv2d(w, -7, padding=padding, tile=t)
+        y = layer.forward(x)
+        g = QTensor(torch.randint(-127, 128, y.shape, generator=torch.Generator().manual_seed(seed)).to(torch.int8), -7)
+        gx = layer.backward(g)
+        outs.append((gx.values, int(gx.exponent), layer.grad_acc))
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1] and torch.equal(outs[0][2], outs[1][2])

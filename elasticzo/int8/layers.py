@@ -175,8 +175,14 @@ class IntConv2d(_WeightLayer):
         self.clear()
         if not input_grad:
             return None
+        exponent = grad.exponent + self.weight_exponent
+        if self.tile and x.shape[0] > self.tile:  # as in forward: never the whole int32 error at once
+            def conv(lo, hi):
+                g = grad.values[lo:hi]
+                return int8_conv2d_grad_input(g, self.weight, (g.shape[0], *x.shape[1:]), self.stride, self.padding)
+            return requantize_tiled(conv, x.shape[0], self.tile, exponent)
         gx = int8_conv2d_grad_input(grad.values, self.weight, x.shape, self.stride, self.padding)
-        return requantize_int32(gx, grad.exponent + self.weight_exponent)
+        return requantize_int32(gx, exponent)
 
     def extra_repr(self) -> str:
         o, c, kh, kw = self.weight.shape
