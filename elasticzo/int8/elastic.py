@@ -36,7 +36,7 @@ from elasticzo.int8.layers import IntSequential
 from elasticzo.int8.loss import cross_entropy, cross_entropy_loss
 from elasticzo.int8.rounding import bitlength
 from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturb, zo_update
-from elasticzo.zo.noise import derive_seed
+from elasticzo.zo.noise import derive_seed, layer_generator
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
 
@@ -77,10 +77,10 @@ class IntElasticZO:
         self.d_scale = torch.zeros((), dtype=torch.int64, device=net.weight_layers()[0].weight.device)
         self.last_d: torch.Tensor | None = None
 
-    def _direction(self, index: int, query: int = 0) -> torch.Tensor:
+    def _direction(self, index: int) -> torch.Tensor:
+        """z of ZO layer ``index`` at this step, regenerated from its seed (never stored)."""
         layer = self.zo_layers[index]
-        gen = torch.Generator(device=layer.weight.device)
-        gen.manual_seed(derive_seed(self.seed, self.step_count, query, index))
+        gen = layer_generator(derive_seed(self.seed, self.step_count, 0, index), layer.weight.device)
         with memory_tag("zo_noise"):
             return int8_noise(layer.weight.shape, gen)
 
@@ -134,9 +134,9 @@ class IntElasticZO:
         s = (bitlength(self.d_scale.clamp(min=1)) + self.zo_shift).clamp(max=62)
         self.last_d = d
         for i, layer in enumerate(self.zo_layers):
+            z = self._direction(i)  # drawn before the rounding generator is reseeded (one per device)
             if self.carries:
-                layer.weight = zo_update(layer.weight, self._direction(i), d, s, carry=self.carries[i])
+                layer.weight = zo_update(layer.weight, z, d, s, carry=self.carries[i])
             else:
-                gen = torch.Generator(device=layer.weight.device)
-                gen.manual_seed(derive_seed(self.seed, self.step_count, 1, i))  # query 1: rounding noise
-                layer.weight = zo_update(layer.weight, self._direction(i), d, s, generator=gen)
+                gen = layer_generator(derive_seed(self.seed, self.step_count, 1, i), layer.weight.device)
+                layer.weight = zo_update(layer.weight, z, d, s, generator=gen)  # query 1: rounding noise

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 META_KEY = "elasticzo"
@@ -36,24 +36,14 @@ def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dic
         raise CheckpointError(f"{path}: no checkpoint file there")
     try:
         tensors = load_file(str(path), device=str(device))
-        with open(path, "rb") as f:
-            meta = _read_meta(f.read(8 + _header_len(path)))
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+        if raw is None:
+            raise ValueError("the file has no elasticzo metadata")
+        meta = json.loads(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: not a readable elasticzo checkpoint (truncated or corrupt?): {err}") from None
     return tensors, meta
-
-
-def _header_len(path: Path) -> int:
-    with open(path, "rb") as f:
-        return int.from_bytes(f.read(8), "little")
-
-
-def _read_meta(head: bytes) -> dict:
-    header = json.loads(head[8:])
-    meta = header.get("__metadata__", {}).get(META_KEY)
-    if meta is None:
-        raise ValueError("the file has no elasticzo metadata")
-    return json.loads(meta)
 
 
 def load_into_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path, prefix: str = "model.") -> None:

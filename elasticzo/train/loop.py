@@ -171,7 +171,7 @@ def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int)
         learner.set_progress(pos.global_step / total)
         loss = learner.train_step(x, y)
         record = learner.step_record()
-        pending.append((pos.global_step, loss, None if record is None else record.detach().clone()))
+        pending.append((pos.global_step, loss, None if record is None else record.detach()))  # fresh each step
         pos.global_step += 1
         pos.step_in_epoch += 1
         checkpoint_due = config.checkpoint_every and pos.global_step % config.checkpoint_every == 0
