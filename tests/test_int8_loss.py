@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from elasticzo.int8.format import QTensor, dequantize
 from elasticzo.int8.loss import (
     GRAD_EXPONENT,
     LOSS_FRAC_BITS,
+    LOSS_MAX,
     cross_entropy,
     cross_entropy_grad,
     cross_entropy_loss,
@@ -94,3 +96,45 @@ def test_gradient_matches_autograd_scale():
     ideal = z.grad.clamp(-127 / 128, 127 / 128)
     err = (dequantize(cross_entropy_grad(logits, target)) - ideal).abs().max().item()
     assert err <= 2.0**GRAD_EXPONENT / 2 + 1e-9
+
+
+# log2(e) to 58 digits: the oracle's constant is exact far beyond the engine's 30 bits
+LOG2E_EXACT = Fraction("1.442695040888963407359924681001892137426645954152985934135")
+
+
+def _oracle_units(q: list[int], target: int, e: int) -> Fraction:
+    """Exact cross-entropy in loss units (2**-16 bits), as a Python rational: no overflow at any e.
+
+    loss = (q_max - q_t) 2**e log2(e) + log2(sum_k 2**((q_k - q_max) 2**e log2 e)); the first term
+    exactly, the second (in [0, log2 C]) in float64, whose error is far below one unit.
+    """
+    top = max(q)
+    gap = Fraction(top - q[target]) * Fraction(2) ** e * LOG2E_EXACT
+    lse = math.log2(sum(2.0 ** float((qk - top) * Fraction(2) ** e * LOG2E_EXACT) for qk in q))
+    return (gap + Fraction(lse)) * 2**LOSS_FRAC_BITS
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 12), st.integers(2, 12), st.integers(-80, 80), st.integers(0, 2**31), st.integers(1, 127))
+def test_loss_matches_python_int_oracle_over_every_exponent(b, c, e, seed, spread):
+    """Within tolerance of the exact value below LOSS_MAX, LOSS_MAX above; the sum saturates, never wraps."""
+    logits, target = _logits(b, c, e, seed, -spread, spread)
+    loss = cross_entropy_loss(logits, target, reduction="none").tolist()
+    tol = loss_tolerance_units(logits)
+    for row, t, got in zip(logits.values.tolist(), target.tolist(), loss):
+        exact = _oracle_units(row, t, e)
+        assert 0 <= got <= LOSS_MAX
+        assert abs(got - min(exact, LOSS_MAX)) <= tol, (row, t, e, got, float(exact))
+    assert cross_entropy_loss(logits, target).item() == min(sum(loss), LOSS_MAX)  # Python-int sum oracle
+
+
+def test_batch_sum_saturates_instead_of_wrapping():
+    """e = 40, C = 2: each loss is above 2**63 in truth; the int64 sum used to wrap negative."""
+    logits = QTensor(torch.tensor([[127, -127]] * 64, dtype=torch.int8), 40)
+    per_example = cross_entropy_loss(logits, torch.ones(64, dtype=torch.int64), reduction="none")
+    assert per_example.tolist() == [LOSS_MAX] * 64
+    assert cross_entropy_loss(logits, torch.ones(64, dtype=torch.int64)).item() == LOSS_MAX
+    near = QTensor(torch.tensor([[127, -127]] * 64, dtype=torch.int8), 32)  # each below LOSS_MAX, the sum above
+    each = cross_entropy_loss(near, torch.ones(64, dtype=torch.int64), reduction="none")
+    assert 0 < each.max().item() < LOSS_MAX and 64 * each[0].item() > LOSS_MAX
+    assert cross_entropy_loss(near, torch.ones(64, dtype=torch.int64)).item() == LOSS_MAX

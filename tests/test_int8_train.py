@@ -62,9 +62,9 @@ def test_zo_update_with_carry_is_the_documented_integer_rule():
     s = bitlength((d.abs() >> 4).clamp(min=1)) + 2
     for i, (w0, layer) in enumerate(zip(before, net.weight_layers())):
         z = int8_noise(w0.shape, torch.Generator().manual_seed(derive_seed(7, 0, 0, i))).to(torch.int64)
-        total = 128 + shift_round_nearest(d * z, s - 8)  # in 1/256 weight units, carry starting at 1/2
-        assert torch.equal(layer.weight, saturate_int8(w0.to(torch.int64) - (total >> 8)))
-        assert torch.equal(opt.carries[i].to(torch.int64), total & 255)
+        rule = [_carry_rule(w, 128, int(d) * zi, int(s)) for w, zi in zip(w0.view(-1).tolist(), z.view(-1).tolist())]
+        assert layer.weight.view(-1).tolist() == [w for w, _ in rule]  # carry starting at 1/2 unit
+        assert opt.carries[i].view(-1).tolist() == [c for _, c in rule]
 
 
 @settings(max_examples=30, deadline=None)
@@ -76,6 +76,32 @@ def test_carry_applies_the_exact_sum_of_small_steps(steps):
     for step in steps:  # d * z / 2**(s - 8) = step / 2**8 weight units (s = 8)
         w = zo_update(w, torch.ones(1, dtype=torch.int8), torch.tensor(step), 8, carry=carry)
     assert -int(w) == (128 + sum(steps)) >> 8  # floor(1/2 + sum): the sum rounded to nearest, once
+
+
+def _carry_rule(w: int, carry: int, dz: int, s: int) -> tuple[int, int]:
+    """The documented rule in Python ints: T = carry + d z 2**(8 - s), rounded half up when s > 8."""
+    scaled = dz << (8 - s) if s <= 8 else (dz + (1 << (s - 9))) >> (s - 8)
+    total = carry + scaled
+    return max(-127, min(127, w - (total >> 8))), total & 255
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-5000, 5000), st.sampled_from([-1, 1]), st.integers(0, 16)),
+                min_size=1, max_size=8))
+def test_carried_step_is_d_z_over_2_to_the_s_for_every_shift(steps):
+    """Shifts below 8 too: the step is d z / 2**s weight units, not 2**(8 - s) times smaller."""
+    w, carry = torch.tensor([3], dtype=torch.int8), torch.full((1,), 128, dtype=torch.uint8)
+    w_ref, carry_ref = 3, 128
+    for d, z, s in steps:
+        w = zo_update(w, torch.tensor([z], dtype=torch.int8), torch.tensor(d), torch.tensor(s), carry=carry)
+        w_ref, carry_ref = _carry_rule(w_ref, carry_ref, d * z, s)
+        assert (int(w), int(carry)) == (w_ref, carry_ref)
+
+
+def test_carried_step_saturates_instead_of_wrapping():
+    w, carry = torch.zeros(2, dtype=torch.int8), torch.full((2,), 128, dtype=torch.uint8)
+    w = zo_update(w, torch.tensor([1, -1], dtype=torch.int8), torch.tensor(1 << 62), 0, carry=carry)
+    assert w.tolist() == [-127, 127]
 
 
 def test_zo_update_without_carry_uses_stochastic_rounding():

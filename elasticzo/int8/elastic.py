@@ -6,7 +6,7 @@ One step on an int8 batch, integer arithmetic only:
     L- = CE_int(net(x; W_Z - eps z, W_B))      forward only, nothing stored
     d  = L+ - L-                               integer loss units (2**-16 bits, batch sum)
     s  = bitlength(D) + zo_shift               D: running mean of |d| (integer EMA, 1/16 decay)
-    T  = R + round(d * z / 2**(s - F))         the step in units of 2**-F weight units, plus carry
+    T  = R + d * z * 2**(F - s)                the step in 2**-F weight units (rounded if s > F), plus carry
     W_Z <- sat(W_Z - (T >> F)),  R <- T & (2**F - 1)
     W_B <- NITI(W_B, G+, mu)                   the largest step has about mu bits
 

@@ -23,6 +23,12 @@ units of rounding, bounded by 1, plus the error of the log2(e) constant, negligi
 below ~1e4). Summed over the batch the loss is an integer; its scale does not matter to ZO,
 which only uses differences L+ - L-.
 
+Range: any exponent. A loss above ``LOSS_MAX`` = 2**62 units (a logit gap of about 2**37
+units, i.e. exponents e > ~30 with int8 logits) saturates at ``LOSS_MAX``, per example and in
+the batch sum alike, so L+ - L- stays within int64 and nothing ever wraps. For exponents
+e >= 14 the target's gap is computed in loss units directly (an exact left shift), so the
+fixed-point intermediates never overflow either.
+
 Gradient (NITI): about 128 * (softmax - onehot) as int8 with exponent -7, i.e. the gradient
 of the SUMMED cross-entropy (nats) wrt the logits. NITI forms the softmax numerators with
 integer-part shifts only; we reuse the table values of step 2, which costs nothing extra and
@@ -46,6 +52,7 @@ _W = 20  # fractional bits of u and of the unrounded loss
 _P = 30  # fractional bits of 2**u and of table values
 _T = 10  # index bits of each table
 _SAT = 62  # shifts are clamped here: 2**u underflows to 0 long before
+LOSS_MAX = 1 << 62  # saturation of the loss, per example and summed: |L+ - L-| <= 2**62
 
 
 @lru_cache(maxsize=None)
@@ -112,15 +119,42 @@ def _softmax_parts(logits: QTensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return u, e, e.sum(dim=1, keepdim=True)
 
 
-def _loss_from_parts(u: torch.Tensor, total: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
-    lse = log2_fixed(total.squeeze(1))  # [B]
-    per_example = lse - u.gather(1, target.unsqueeze(1)).squeeze(1)  # bits, _W fractional bits
-    loss = shift_round_nearest(per_example, _W - LOSS_FRAC_BITS)
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+def _loss_from_parts(logits: QTensor, u: torch.Tensor, total: torch.Tensor, target: torch.Tensor,
+                     reduction: str) -> torch.Tensor:
+    """Per-example loss log2(sum 2**u) - u_target in loss units, saturated at LOSS_MAX; summed or not."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    lse = log2_fixed(total.squeeze(1))  # [B], _W fractional bits, in [0, log2 C]
+    small = shift_round_nearest(lse - u.gather(1, target.unsqueeze(1)).squeeze(1), _W - LOSS_FRAC_BITS)
+    q = logits.values.to(torch.int64)
+    gap = (q.amax(dim=1) - q.gather(1, target.unsqueeze(1)).squeeze(1)) * LOG2E  # [B], >= 0, < 2**39
+    up = torch.as_tensor(logits.exponent, dtype=torch.int64, device=q.device) - LOG2E_BITS + LOSS_FRAC_BITS
+    big = _add_saturating(shift_round_nearest(lse, _W - LOSS_FRAC_BITS), _shl_saturating(gap, up.clamp(0, _SAT)))
+    loss = torch.where(up >= 0, big, small.clamp(max=LOSS_MAX))  # up >= 0: -u_target is a whole number of units
+    return loss if reduction == "none" else saturating_sum(loss)
+
+
+def _shl_saturating(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """min(x * 2**k, LOSS_MAX) for int64 x >= 0 and 0 <= k <= 62, without overflow."""
+    return torch.where(x > (LOSS_MAX >> k), LOSS_MAX, x << k)
+
+
+def _add_saturating(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """min(a + b, LOSS_MAX) for 0 <= a, b <= LOSS_MAX (the sum is below 2**63: no overflow)."""
+    return (a + b).clamp(max=LOSS_MAX)
+
+
+def saturating_sum(loss: torch.Tensor) -> torch.Tensor:
+    """min(sum of ``loss``, LOSS_MAX) for int64 entries in 0..LOSS_MAX, exact, never wrapping.
+
+    Summed in two 32-bit halves (each half-sum fits int64 for up to 2**31 entries), then
+    recombined with saturation: integer ops only, no host sync.
+    """
+    hi = (loss >> 32).sum()
+    lo = (loss & 0xFFFFFFFF).sum()
+    hi = hi + (lo >> 32)  # < 2**62
+    over = hi >= (LOSS_MAX >> 32)
+    return torch.where(over, LOSS_MAX, (hi.clamp(max=LOSS_MAX >> 32) << 32) + (lo & 0xFFFFFFFF)).clamp(max=LOSS_MAX)
 
 
 def _grad_from_parts(e: torch.Tensor, total: torch.Tensor, target: torch.Tensor) -> QTensor:
@@ -130,9 +164,9 @@ def _grad_from_parts(e: torch.Tensor, total: torch.Tensor, target: torch.Tensor)
 
 
 def cross_entropy_loss(logits: QTensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
-    """Integer cross-entropy (int64, 2**-16 bits per unit), summed over the batch or per example."""
+    """Integer cross-entropy (int64, 2**-16 bits per unit, saturating at LOSS_MAX), batch sum or per example."""
     u, _, total = _softmax_parts(logits)
-    return _loss_from_parts(u, total, target, reduction)
+    return _loss_from_parts(logits, u, total, target, reduction)
 
 
 def cross_entropy_grad(logits: QTensor, target: torch.Tensor) -> QTensor:
@@ -144,7 +178,7 @@ def cross_entropy_grad(logits: QTensor, target: torch.Tensor) -> QTensor:
 def cross_entropy(logits: QTensor, target: torch.Tensor, reduction: str = "sum") -> tuple[torch.Tensor, QTensor]:
     """Loss value and gradient together, sharing the softmax numerators."""
     u, e, total = _softmax_parts(logits)
-    return _loss_from_parts(u, total, target, reduction), _grad_from_parts(e, total, target)
+    return _loss_from_parts(logits, u, total, target, reduction), _grad_from_parts(e, total, target)
 
 
 def loss_tolerance_units(logits: QTensor) -> float:

@@ -103,8 +103,9 @@ def zo_update(weight: torch.Tensor, z: torch.Tensor, d: torch.Tensor, s: torch.T
     one power of two 2**-s. The fraction of a weight unit is handled one of two ways:
 
     - ``carry`` (uint8, shaped like W, updated in place): with F = 8 fractional bits,
-      T = carry + round(d z / 2**(s - F)); W loses T >> F whole units and carry keeps T mod 2**F.
-      Nothing is lost: over any sequence of steps W moves by their sum, rounded once.
+      T = carry + d z * 2**(F - s) (rounded to nearest when s > F); W loses T >> F whole units
+      and carry keeps T mod 2**F. For s <= F nothing is lost: over any sequence of steps W moves
+      by their sum, rounded once; for s > F each step is first rounded to 2**-F units.
     - ``generator``: stochastic rounding, unbiased, but with a variance of about 2**s / |d z|
       units^2 per step, far above the step itself when steps are small.
     """
@@ -118,8 +119,17 @@ def zo_update(weight: torch.Tensor, z: torch.Tensor, d: torch.Tensor, s: torch.T
 
 
 def _carried(dz: torch.Tensor, s: torch.Tensor | int, carry: torch.Tensor) -> torch.Tensor:
-    """Whole weight units of carry + dz / 2**(s - F); the fraction left stays in ``carry`` (in place)."""
+    """Whole weight units of carry + dz / 2**(s - F); the fraction left stays in ``carry`` (in place).
+
+    s >= F: dz / 2**(s - F) rounded to nearest. s < F: dz * 2**(F - s) exactly, saturated at
+    2**62 (a step of 2**54 units, far past any int8 weight), so the rule d z / 2**s holds for
+    every shift and nothing wraps.
+    """
     s = torch.as_tensor(s, dtype=torch.int64, device=dz.device)
-    total = carry.to(torch.int64) + shift_round_nearest(dz, (s - CARRY_BITS).clamp(min=0))  # 2**-F units
+    up = (CARRY_BITS - s).clamp(min=0, max=CARRY_BITS)  # > 0 only when s < F
+    bound = (torch.ones_like(up) << 62) >> up
+    scaled = torch.where(up > 0, dz.clamp(-bound, bound) << up,
+                         shift_round_nearest(dz, (s - CARRY_BITS).clamp(min=0)))  # in 2**-F units
+    total = carry.to(torch.int64) + scaled
     carry.copy_(total & ((1 << CARRY_BITS) - 1))
     return total >> CARRY_BITS
