@@ -1,11 +1,14 @@
 """The data package: IDX reading and its error messages, dataset loading and fetching, batching."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
+import os
 import shutil
 import struct
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from hypothesis.extra.numpy import arrays
 from elasticzo.data import (
     DATASETS,
     BatchLoader,
+    DataAccessError,
     DatasetNotFoundError,
     IDXError,
     load_split,
@@ -193,7 +197,53 @@ def test_missing_files_without_download(tmp_path):
     for part in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", str(tmp_path / "mnist"),
                  "ossci-datasets.s3.amazonaws.com", "ELASTICZO_DATA", "--data-root"):
         assert part in message, message
-    assert "t10k" not in message  # only what this split needs
+    assert "t10k-images-idx3-ubyte.gz" in message and "t10k-labels-idx1-ubyte.gz" in message  # all at once
+
+
+def test_missing_message_lists_both_splits_when_one_is_present(tmp_path):
+    """With the train files present, asking for train works and asking for test names both test files."""
+    rng = np.random.default_rng(0)
+    write_split(tmp_path / "mnist", rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 10, 4), split="train")
+    assert load_split("mnist", tmp_path, "train", download=False)[0].shape == (4, 1, 28, 28)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_split("mnist", tmp_path, "test", download=False)
+    message = str(info.value)
+    assert "t10k-images-idx3-ubyte.gz" in message and "t10k-labels-idx1-ubyte.gz" in message
+    assert "train-images" not in message  # present files are not asked for
+
+
+@contextlib.contextmanager
+def _unprivileged():
+    """Run the body as a user that file permissions apply to: root switches its effective ids to
+    nobody (65534) and back, since root itself reads any file whatever its mode."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+
+
+@pytest.mark.parametrize("target", ["file", "folder"])
+def test_unreadable_data_is_a_clear_error_not_a_traceback(target):
+    rng = np.random.default_rng(0)
+    root = Path(tempfile.mkdtemp(prefix="elasticzo-perm-"))
+    try:
+        root.chmod(0o755)
+        images, _ = write_split(root / "mnist", rng.integers(0, 256, (4, 28, 28)), rng.integers(0, 10, 4))
+        locked = images if target == "file" else root / "mnist"
+        locked.chmod(0o000)
+        with _unprivileged(), pytest.raises(DataAccessError) as info:
+            load_split("mnist", root, "test", download=False)
+        assert str(locked) in str(info.value) and "permission" in str(info.value).lower(), str(info.value)
+        assert isinstance(info.value, FileNotFoundError)  # the CLI's one-line user error
+    finally:
+        (root / "mnist").chmod(0o755)
+        shutil.rmtree(root)
 
 
 def test_unreachable_mirrors_fail_fast(tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from elasticzo.data.registry import DATASET_NAMES, Split, is_point_dataset, load
 from elasticzo.data.vision import (
     DATASETS,
     ENV_VAR,
+    DataAccessError,
     DatasetNotFoundError,
     DatasetSpec,
     get_spec,
@@ -17,6 +18,7 @@ __all__ = [
     "BatchLoader",
     "DATASETS",
     "DATASET_NAMES",
+    "DataAccessError",
     "DatasetNotFoundError",
     "DatasetSpec",
     "ENV_VAR",

@@ -48,7 +48,10 @@ def read_idx(path: str | Path) -> torch.Tensor:
 
 def _file_bytes(path: Path) -> bytes:
     """The IDX bytes of ``path``: decompressed when the file starts with the gzip magic."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:  # no read permission, a folder in its place, an I/O error
+        raise IDXError(f"{path}: cannot read the file ({err.strerror or err})") from None
     if raw[:2] != GZIP_MAGIC:
         return raw
     try:

@@ -29,6 +29,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """Dataset files are missing and could not be fetched; the message says what to put where."""
 
 
+class DataAccessError(DatasetNotFoundError):
+    """A data file or folder exists but cannot be read (permissions); the message names it."""
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """Everything needed to find, fetch, check and normalise one IDX image dataset."""
@@ -177,23 +181,39 @@ def ensure_files(spec: DatasetSpec, folder: Path, names: tuple[str, ...], downlo
     """Paths of ``names`` in ``folder`` (``x.gz`` or uncompressed ``x``), fetching missing ones.
 
     Stops at the first file no mirror could serve: offline, the next file would fail the same
-    way, and waiting out every timeout only delays the message that says what to do.
+    way, and waiting out every timeout only delays the message that says what to do. The
+    message lists every missing file of the dataset, both splits, so one fix is enough.
     """
     missing = [n for n in names if _find(folder, n) is None]
     if missing and not download:
-        raise DatasetNotFoundError(_missing_message(spec, folder, missing, "download=False"))
+        raise DatasetNotFoundError(_missing_message(spec, folder, _all_missing(spec, folder), "download=False"))
     for name in missing:
         failures = _download(spec, folder, name)
         if failures:
-            still = [n for n in missing if _find(folder, n) is None]
-            raise DatasetNotFoundError(_missing_message(spec, folder, still, "download failed", failures))
+            raise DatasetNotFoundError(_missing_message(spec, folder, _all_missing(spec, folder),
+                                                        "download failed", failures))
     return [_find(folder, n) for n in names]
 
 
+def _all_missing(spec: DatasetSpec, folder: Path) -> list[str]:
+    """Every file of the dataset (train and test) that is in neither form in ``folder``."""
+    return [n for split in SPLITS for n in spec.files(split) if _find(folder, n) is None]
+
+
 def _find(folder: Path, gz_name: str) -> Path | None:
-    """``folder/x.gz`` or else ``folder/x``, whichever exists first; None if neither."""
+    """``folder/x.gz`` or else ``folder/x``, whichever exists first; None if neither.
+
+    A folder that cannot be searched, or a file that cannot be read, is a DataAccessError.
+    """
     for path in (folder / gz_name, folder / gz_name.removesuffix(".gz")):
-        if path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as err:  # PermissionError on a folder without search permission
+            raise DataAccessError(f"{path.parent}: cannot look inside ({err.strerror}); "
+                                  "check the folder's permissions") from None
+        if found:
+            if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
+                raise DataAccessError(f"{path}: cannot read the file (permission denied); check its permissions")
             return path
     return None
 
