@@ -1,4 +1,4 @@
-"""Command line: ``elasticzo train`` (flags generated from ``TrainConfig``), ``bench`` and ``plan``.
+"""Command line: ``elasticzo train`` (flags generated from ``TrainConfig``), ``bench``, ``plan``.
 
 Every user error (bad flag or value, missing data, corrupt checkpoint, divergence) ends with a
 one-line message that names the culprit and a non-zero exit status, never a traceback.
@@ -11,10 +11,14 @@ import inspect
 import re
 import sys
 
+from elasticzo import __version__
 from elasticzo import config as config_module
 from elasticzo.config import TrainConfig
 
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+DESCRIPTION = ("Memory-efficient on-device training: ElasticZO trains the early layers with zeroth-order "
+               "SPSA and the last layers with backprop, in FP32 or integer-only INT8. "
+               "Run 'elasticzo COMMAND --help' for the flags of each command.")
 
 
 def _field_help() -> dict[str, str]:
@@ -39,13 +43,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _choices(name: str):
-    return {"method": config_module.METHODS, "precision": config_module.PRECISIONS,
+    return {"model": config_module.MODEL_NAMES, "dataset": config_module.DATASET_NAMES,
+            "method": config_module.METHODS, "precision": config_module.PRECISIONS,
             "schedule": config_module.SCHEDULES, "noise": ("gaussian", "rademacher"),
             "bp_grad": ("mean", "plus"), "device": ("auto", "cpu", "cuda")}.get(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elasticzo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="elasticzo", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"elasticzo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model (BP, vanilla ZO or ElasticZO; fp32 or int8)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -64,14 +70,15 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="folder for results.json/csv/md, plots and runs/")
     p.add_argument("--quick", action="store_true", help="CI size: 1000 train / 500 test examples, 1 epoch, "
                    "20 timed steps (each size flag below overrides it)")
-    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=("mnist", "fashion-mnist"))
+    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=("mnist", "fashion-mnist"),
+                   help="datasets of the grid")
     methods = ("bp", "zo", "k1", "k2", "k3")  # bench.runner.METHODS (a test keeps them equal)
     p.add_argument("--methods", nargs="+", default=list(methods), choices=methods,
                    help="bp: all layers BP; zo: vanilla ZO; kK: ElasticZO with the last K layers in BP")
     p.add_argument("--precision", default="all", choices=("fp32", "int8", "all"),
                    help="all: fp32 rows, and int8 rows when the INT8 learner exists (else a note says why not)")
-    p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"))
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"), help="model of every run")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per step")
     p.add_argument("--epochs", type=int, default=None, help="default 5 (--quick: 1)")
     p.add_argument("--train-limit", type=int, default=None,
                    help="first N training examples; default all (--quick: 1000)")
@@ -84,24 +91,26 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--measure-only", action="store_true", help="skip the training grid: memory, time and ratios only")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting for every run, e.g. --set lr_zo=3e-4 --set normalize=true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     p.add_argument("--data-root", default=None, help="else $ELASTICZO_DATA, else ./data")
-    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                   help="fetch missing dataset files (checksummed)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="PNG and SVG plots (matplotlib)")
 
 
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"))
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--precision", default="fp32", choices=config_module.PRECISIONS)
+    p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"), help="the model to plan for")
+    p.add_argument("--batch-size", type=int, default=64, help="examples per step (memory grows with it)")
+    p.add_argument("--precision", default="fp32", choices=config_module.PRECISIONS,
+                   help="fp32, or int8 (integer-only ElasticZO-INT8)")
     p.add_argument("--budget", default=None, help="memory budget, e.g. 256KiB, 3MB, 1.5MiB or 1000000 (bytes); "
                    "without it only the table is printed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting that changes memory, e.g. --set momentum=0")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="where memory is measured")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -109,8 +118,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}).validate()
 
 
+def glue_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -5MiB`` -> ``--flag=-5MiB``: argparse takes a value that starts with '-' and is not a
+    plain number for a flag, and answers "expected one argument"; glued, the value reaches the
+    validation that says what is wrong with it."""
+    out: list[str] = []
+    for token in argv:
+        prev = out[-1] if out else ""
+        if re.match(r"-[0-9.]", token) and prev.startswith("--") and "=" not in prev:
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = glue_negative_values(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     try:
         if args.command == "train":

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("bp", "zo", "elasticzo")
+MODEL_NAMES = ("lenet5", "mlp", "pointnet")  # elasticzo.models.MODELS (a test keeps them equal)
+DATASET_NAMES = ("mnist", "fashion-mnist", "mnist-points", "fashion-mnist-points", "modelnet40")  # data.DATASET_NAMES
 PRECISIONS = ("fp32", "int8")
 SCHEDULES = ("constant", "cosine")
 
@@ -18,8 +20,8 @@ SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = "lenet5"  # lenet5 | mlp | pointnet (point datasets)
-    dataset: str = "mnist"  # mnist | fashion-mnist | mnist-points | fashion-mnist-points | modelnet40
+    model: str = "lenet5"  # lenet5 and mlp take images, pointnet the point datasets
+    dataset: str = "mnist"  # image or point-cloud dataset (see README, Data)
     classes: str = ""  # keep only these labels, renumbered 0..n-1 in this order (e.g. 5-9 or 0,2,4); '' keeps all
     num_points: int = 256  # points per cloud of a point dataset
     points_3d: bool = False  # mnist-points / fashion-mnist-points: turn each cloud by a random 3D rotation
@@ -28,8 +30,8 @@ class TrainConfig:
     bp_layers: int = 1  # ElasticZO split: the last K parametrised layers train with backprop
     precision: str = "fp32"  # fp32 | int8 (integer-only ElasticZO-INT8)
     # schedule
-    epochs: int = 5
-    batch_size: int = 64
+    epochs: int = 5  # passes over the training set
+    batch_size: int = 64  # examples per step
     schedule: str = "cosine"  # learning-rate schedule over all steps: constant | cosine
     # ZO part (SPSA)
     lr_zo: float | None = None  # ZO learning rate; default 3e-4 for --method zo, 1e-3 otherwise
@@ -38,18 +40,18 @@ class TrainConfig:
     noise: str = "gaussian"  # gaussian | rademacher
     grad_clip: float = 100.0  # bound on |projected gradient|; 0 disables
     normalize: bool = True  # divide g by its running RMS: fixed ZO step size, no late divergence
-    zo_weight_decay: float = 0.0
+    zo_weight_decay: float = 0.0  # L2 weight decay of the ZO part (decoupled: theta *= 1 - lr_zo * wd)
     # BP part (SGD)
-    lr_bp: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
+    lr_bp: float = 0.05  # SGD learning rate of the BP part
+    momentum: float = 0.9  # SGD momentum of the BP part (0: plain SGD, no momentum buffer)
+    weight_decay: float = 0.0  # L2 weight decay of the BP part (SGD's weight_decay)
     bp_grad: str = "mean"  # mean: average grads of the + and - passes; plus: + passes only
     # int8 (ElasticZO-INT8)
     int8_lr_bits: int = 3  # NITI learning rate: bit width of the largest BP weight step
     int8_tile: int = 8  # images per int32 conv accumulator tile (0: whole batch; faster, more memory)
     int8_zo_shift: int = 4  # ZO step of about 2**-shift weight units per step at the typical |L+ - L-|
     # run
-    seed: int = 0
+    seed: int = 0  # initial weights, batch order and every ZO direction derive from it
     device: str = "auto"  # auto | cpu | cuda
     data_root: str | None = None  # else $ELASTICZO_DATA, else ./data
     download: bool = True  # fetch missing dataset files (checksummed)
@@ -62,7 +64,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad value; returns self for chaining."""
-        choices = {"method": METHODS, "precision": PRECISIONS, "schedule": SCHEDULES,
+        choices = {"model": MODEL_NAMES, "dataset": DATASET_NAMES, "method": METHODS, "precision": PRECISIONS, "schedule": SCHEDULES,
                    "noise": ("gaussian", "rademacher"), "bp_grad": ("mean", "plus"),
                    "device": ("auto", "cpu", "cuda")}
         for name, allowed in choices.items():

@@ -28,7 +28,7 @@ from elasticzo.train.loop import make_learner, resolve_device
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([-+]?[0-9]*\.?[0-9]+)\s*([a-z]*)\s*$", re.IGNORECASE)
 IMAGE_SHAPE = (1, 28, 28)  # every dataset the models train on: [C, H, W]
 PLAN_FIELDS = ("model", "method", "bp_layers", "precision", "batch_size", "device", "seed")  # set per split
 
