@@ -1,4 +1,4 @@
-"""Command line: ``elasticzo train`` (flags generated from ``TrainConfig``), ``bench``, ``plan``.
+"""Command line: ``elasticzo train`` (flags generated from ``TrainConfig``), ``bench``, ``plan``, ``replay``.
 
 Every user error (bad flag or value, missing data, corrupt checkpoint, divergence) ends with a
 one-line message that names the culprit and a non-zero exit status, never a traceback.
@@ -52,7 +52,7 @@ def _choices(name: str):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="elasticzo", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"elasticzo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser("train", help="train a model (BP, vanilla ZO or ElasticZO; fp32 or int8)",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_config_flags(train)
@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_flags(sub.add_parser("plan", help="measured training memory of every ZO/BP split, and the "
                                   "largest split that fits a memory budget",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    replay = sub.add_parser("replay", help="rebuild a run's ZO weights from its seed log (seeds.jsonl) and "
+                            "check them against its checkpoint, bit for bit",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    replay.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (config.json, seeds.jsonl, checkpoint)")
+    replay.add_argument("--out", default=None, help="also write the rebuilt ZO weights to this safetensors file")
     return parser
 
 
@@ -151,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_main(args.model, args.batch_size, args.precision, args.budget, args.device,
                              settings=parse_overrides(args.overrides))
+        elif args.command == "replay":
+            from elasticzo.train.replay import replay_main
+
+            return replay_main(args.run_dir, args.out)
     except KeyboardInterrupt:
         print("elasticzo: interrupted; resume with --resume", file=sys.stderr)
         return 130

@@ -79,8 +79,12 @@ def train(config: TrainConfig, log=print) -> list[dict]:
     pos = _start(config, run_dir, learner)
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
         f"bp_layers={getattr(learner, 'bp_layers', '-')} {config.precision} on {device}")
+    if config.resume and pos.epoch >= config.epochs:
+        log(f"run {run_dir} is finished ({pos.epoch}/{config.epochs} epochs); nothing to train. "
+            "To train on, resume with a larger --epochs.")
     if config.init and pos.global_step == 0 and not pos.history:
-        log(json.dumps(_initial_record(config, run_dir, learner, data, pos)))
+        record = _initial_record(config, run_dir, learner, data, pos)
+        log(f"epoch 0/{config.epochs}: test_acc {record['test_acc']:.2f} % | initial weights from {config.init}")
     total = config.epochs * len(loader)
     while pos.epoch < config.epochs:
         _train_epoch(config, run_dir, learner, loader, pos, total)

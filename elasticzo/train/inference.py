@@ -1,0 +1,69 @@
+"""Use what training produced: a run's checkpoint as a ready model for inference.
+
+    from elasticzo import load_model
+    model = load_model("runs/mnist-lenet5-elasticzo-k1-fp32-s0")   # the run dir or its checkpoint
+    predictions = model(x).argmax(dim=1)                            # x: normalised [B, 1, 28, 28]
+
+A float run gives its ``nn.Module`` in eval mode. An INT8 run gives its integer network
+(``IntSequential``), which takes int8 input: ``model(quantize_input(pixels), store=False)``
+with ``quantize_input`` from ``elasticzo.int8.learner`` and raw uint8 pixels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from elasticzo.config import TrainConfig
+from elasticzo.models import build_model
+from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, load_into_module
+from elasticzo.train.finetune import PREFIX, _checkpoint_classes, _init_int_from_int
+from elasticzo.train.learner import seeded
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+def run_files(path: str | Path) -> tuple[Path, Path]:
+    """(checkpoint, config.json) of a run dir, or of the run that holds checkpoint file ``path``."""
+    path = Path(path)
+    checkpoint = path / CHECKPOINT if path.is_dir() else path
+    return checkpoint, checkpoint.parent / "config.json"
+
+
+def load_model(path: str | Path, model: str | None = None, device: str | torch.device = "cpu"):
+    """The trained model of a run, ready for inference.
+
+    ``path`` is a run dir or a ``checkpoint.safetensors``; the architecture is the run's
+    ``config.json`` model, or ``model`` (lenet5, mlp, pointnet) for a checkpoint without one.
+    Raises CheckpointError (naming the file) for a missing, corrupt or non-fitting checkpoint.
+    """
+    checkpoint, config_path = run_files(path)
+    if model is None:
+        if not config_path.is_file():
+            raise ValueError(f"{path}: no config.json beside the checkpoint; pass model= (lenet5, mlp or pointnet)")
+        model = TrainConfig.load(config_path).model
+    tensors, meta = load_checkpoint(checkpoint)
+    weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
+    if not weights:
+        raise CheckpointError(f"{checkpoint}: holds no model weights (no '{PREFIX}*' tensors)")
+    if any(v.dtype == torch.int8 for v in weights.values()):
+        return _int_model(model, weights, meta, checkpoint, torch.device(device))
+    with seeded(0):  # the init is overwritten; the caller's global RNG stays untouched
+        net: nn.Module = build_model(model, _checkpoint_classes(weights, model, checkpoint))
+    load_into_module(net, tensors, checkpoint, prefix=PREFIX)
+    return net.to(device).eval()
+
+
+def _int_model(model: str, weights: dict, meta: dict, checkpoint: Path, device: torch.device):
+    """The INT8 network of ``model`` with the checkpoint's integer weights and exponents."""
+    from elasticzo.int8.learner import build_int_model
+
+    last = weights.get(f"{len(weights) - 1}.weight")
+    if last is None:
+        raise CheckpointError(f"{checkpoint}: INT8 weights are not numbered 0..{len(weights) - 1}")
+    net = build_int_model(model, int(last.shape[0]), torch.Generator().manual_seed(0))
+    _init_int_from_int(net, weights, meta, checkpoint)
+    for layer in net.weight_layers():
+        layer.weight = layer.weight.to(device)
+    return net
