@@ -16,6 +16,6 @@ def test_the_readme_has_python_blocks():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(index, data_root, monkeypatch, tmp_path, capsys):
-    monkeypatch.setenv("ELASTICZO_DATA", str(data_root))
+    monkeypatch.setenv("ELASTICZO_DATA", str(Path(data_root).resolve()))  # the block runs in tmp_path
     monkeypatch.chdir(tmp_path)
     exec(compile(BLOCKS[index], f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
