@@ -19,9 +19,12 @@ import torch
 from elasticzo.int8.format import ACC_BITS, Exponent, QTensor, requantize_int32
 from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest
 from elasticzo.int8.ops import (
+    _is_stride1,
+    _pair,
     int8_conv2d,
     int8_conv2d_grad_input,
     int8_conv2d_grad_weight,
+    int8_conv2d_requant,
     int8_linear,
     int8_linear_grad_input,
     int8_linear_grad_weight,
@@ -161,6 +164,9 @@ class IntConv2d(_WeightLayer):
         self._input = x if store else None
         w = self._weight(weight)
         exponent = x.exponent + self.weight_exponent
+        fused = int8_conv2d_requant(x.values, w, self.stride, self.padding)  # native: one image's int32 at a time
+        if fused is not None:
+            return QTensor(fused[0], exponent + fused[1])
         if self.tile and x.shape[0] > self.tile:
             conv = lambda lo, hi: int8_conv2d(x.values[lo:hi], w, self.stride, self.padding)
             return requantize_tiled(conv, x.shape[0], self.tile, exponent)
@@ -176,6 +182,13 @@ class IntConv2d(_WeightLayer):
         if not input_grad:
             return None
         exponent = grad.exponent + self.weight_exponent
+        if _is_stride1(self.stride):  # the adjoint is a forward conv: fused native where it runs
+            o, c, kh, kw = self.weight.shape
+            ph, pw = _pair(self.padding)
+            w_adj = self.weight.flip(2, 3).transpose(0, 1)
+            fused = int8_conv2d_requant(grad.values, w_adj, 1, (kh - 1 - ph, kw - 1 - pw))
+            if fused is not None and ph < kh and pw < kw:
+                return QTensor(fused[0], exponent + fused[1])
         if self.tile and x.shape[0] > self.tile:  # as in forward: never the whole int32 error at once
             def conv(lo, hi):
                 g = grad.values[lo:hi]

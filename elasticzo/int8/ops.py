@@ -1,11 +1,16 @@
 """Integer products: int8 x int8 -> int32 for linear and conv2d, forward and backward.
 
-Everything funnels into ONE dispatch function, ``int8_matmul``, with two implementations:
+Everything funnels into ONE dispatch function, ``int8_matmul``, with three implementations:
 
 * ``"reference"``: portable and obviously exact: widen to int64, ``torch.matmul``, narrow.
-* ``"int_mm"``: ``torch._int_mm``, a genuine int8 x int8 -> int32 kernel (oneDNN on CPU). Much
-  faster (see ``bench_int8_matmul``), still integer-only. Used by ``"auto"`` (the default)
-  wherever it is available; on CUDA only for the shapes its kernel accepts.
+* ``"int_mm"``: ``torch._int_mm``. On CUDA and on CPUs with AVX512-VNNI/AMX a real int8 kernel;
+  on other CPUs a reference loop, slower than the float GEMM (pytorch issues 136942, 166846).
+* ``"native"``: elasticzo's own C kernels (``int8.native``, CPU only), which also fold im2col
+  into the convolution and fuse its requantisation.
+
+``"auto"`` (the default) picks, per device and per kind of product (matmul, conv), the fastest
+exact implementation by a one-time speed probe (``choose_impl``); on CUDA only the shapes
+``_int_mm`` accepts go to it.
 
 Conv2d is im2col + matmul. Reference: ``im2col`` by ``Tensor.unfold`` (``F.unfold`` has no
 integer kernel on CPU), any stride; input gradient by matmul + ``col2im`` (strided adds).
@@ -25,7 +30,9 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-IMPLS = ("auto", "int_mm", "reference")
+from elasticzo.int8 import native, native_ops
+
+IMPLS = ("auto", "native", "int_mm", "reference")
 _INT32_MAX = torch.iinfo(torch.int32).max
 MAX_INT32_TERMS = _INT32_MAX // (128 * 128)  # 131071 products of int8 values always fit int32
 
@@ -54,9 +61,10 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, impl: str | None = None) -> to
     impl = _default_impl if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown int8 matmul impl {impl!r}; choose one of {IMPLS}")
-    if impl == "auto":
-        impl = "int_mm" if _int_mm_usable(a, b) else "reference"
-    kernel = _int_mm if impl == "int_mm" else _reference_mm
+    impl = _resolve(impl, a.device, "matmul")
+    if impl == "int_mm" and not _int_mm_usable(a, b):
+        impl = "reference"
+    kernel = {"int_mm": _int_mm, "native": _native_mm}.get(impl, _reference_mm)
     k = a.shape[1]
     if k <= MAX_INT32_TERMS:
         return kernel(a, b)
@@ -64,6 +72,31 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor, impl: str | None = None) -> to
     for lo in range(0, k, MAX_INT32_TERMS):  # each chunk fits int32; the total is summed in int64
         acc += kernel(a[:, lo : lo + MAX_INT32_TERMS], b[lo : lo + MAX_INT32_TERMS])
     return acc
+
+
+def _resolve(impl: str | None, device: torch.device, kind: str) -> str:
+    """The concrete implementation for ``impl`` (None: the default) on ``device``; "auto" asks the probe."""
+    impl = _default_impl if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"unknown int8 matmul impl {impl!r}; choose one of {IMPLS}")
+    if impl == "auto":
+        return choose_impl(device.type)[kind]
+    if impl == "native" and (device.type != "cpu" or native.load() is None):
+        return "reference" if device.type == "cpu" else "int_mm"  # native is CPU-only; said once by load()
+    return impl
+
+
+def choose_impl(device_type: str) -> dict[str, str]:
+    """{"matmul": impl, "conv": impl} for ``"auto"`` on this device type (probed once, then cached)."""
+    if device_type != "cpu":
+        return {"matmul": "int_mm", "conv": "int_mm"}  # _int_mm_usable() still checks each shape
+    from elasticzo.int8.speed_probe import probe  # the probe times this module's functions
+
+    return probe()
+
+
+def _native_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return native_ops.OPS.gemm_nt(a, b.t())  # b^T rows are K-contiguous: free when b is a transposed weight
 
 
 def _reference_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -185,6 +218,19 @@ def _use_shifted(impl: str | None, stride) -> bool:
     return (_default_impl if impl is None else impl) != "reference" and _is_stride1(stride)
 
 
+def _native_conv(impl: str | None, x: torch.Tensor) -> bool:
+    """Whether this convolution runs in the native kernels (CPU, chosen or probed fastest)."""
+    return x.device.type == "cpu" and _resolve(impl, x.device, "conv") == "native"
+
+
+def int8_conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str | None = None):
+    """(int8 values, 0-dim int64 shift) of ``requantize_int32(int8_conv2d(...))`` in one fused native
+    call that holds one image's int32 accumulator at a time; None where the native path is not used."""
+    if not _native_conv(impl, x):
+        return None
+    return native_ops.OPS.conv2d_requant(x, w, list(_pair(stride)), list(_pair(padding)))
+
+
 def shifted_columns(x: torch.Tensor, kernel: tuple[int, int], padding) -> tuple[torch.Tensor, int, int]:
     """Stride-1 im2col made of contiguous copies: columns [C*kh*kw, B*OH*Wp], plus (OH, Wp).
 
@@ -209,6 +255,8 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str
 
     The result may be a non-contiguous view of the accumulator (integer values are exact either way).
     """
+    if _native_conv(impl, x):
+        return native_ops.OPS.conv2d(x, w, list(_pair(stride)), list(_pair(padding)))
     o, kernel = w.shape[0], tuple(w.shape[2:])
     oh, ow = conv_output_size(x.shape[2], x.shape[3], kernel, stride, padding)
     if _use_shifted(impl, stride):
@@ -250,6 +298,10 @@ def int8_conv2d_grad_weight(
     The columns are recomputed from x (what layers keep), not stored.
     """
     o, kernel = weight_shape[0], tuple(weight_shape[2:])
+    if _native_conv(impl, x):
+        dw = native_ops.OPS.conv2d_grad_weight(g, x, list(weight_shape), list(_pair(stride)), list(_pair(padding)))
+        terms = g.shape[0] * g.shape[2] * g.shape[3]
+        return dw.to(torch.int32) if terms <= MAX_INT32_TERMS else dw  # the width the other paths return
     if _use_shifted(impl, stride):
         cols, oh, wp = shifted_columns(x, kernel, padding)  # [K, B*OH*Wp]
         gp = g.new_zeros(o, g.shape[0], oh, wp)  # zeros meet the garbage columns
@@ -319,7 +371,7 @@ def bench_int8_matmul(shapes=((64, 400, 120), (50176, 25, 6)), repeats: int = 20
     for m, k, n in shapes:
         a = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
         b = torch.randint(-127, 128, (k, n), generator=gen, dtype=torch.int8)
-        for impl in ("reference", "int_mm"):
+        for impl in ("reference", "int_mm", "native"):
             int8_matmul(a, b, impl)
             t0 = time.perf_counter()
             for _ in range(repeats):

@@ -1,0 +1,367 @@
+/* elasticzo native int8 kernels: plain C over int8 / int32 pointers, no torch dependency.
+ *
+ * Everything is exact integer arithmetic and equals elasticzo's portable PyTorch path bit for
+ * bit. One product is the core: ezo_gemm_nt, C[M, N] = A[M, K] * B[N, K]^T, int8 operands whose
+ * rows are K-contiguous, int32 result. Callers keep K <= 131071 so the int32 sum cannot wrap.
+ *   - x86-64 with AVX2: both operands are repacked into int16 pairs and a 4 x 16 register block
+ *     multiplies them with vpmaddwd (16 multiply-adds per instruction, exact for every int8
+ *     value, -128 included).
+ *   - elsewhere: a dot-product loop that gcc vectorises (sdot with -march=armv8.2-a+dotprod).
+ * Convolutions pack one image's patches at a time into a small workspace (no batch-sized column
+ * copy) and call the same product; the requantisation epilogue (bit length of max|acc|, shift
+ * with round half up, saturation to [-127, 127]) runs on one image's accumulator at a time.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+#define EZO_API __attribute__((visibility("default")))
+
+/* ------------------------------------------------------------------ the product */
+
+static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
+
+#ifdef __AVX2__
+static int64_t pairs(int64_t K) { return (K + 1) / 2; }
+static int64_t padded16(int64_t N) { return (N + 15) / 16 * 16; }
+
+/* Ap: M rows of kp int32 words, each the int16 pair (A[m][2p], A[m][2p+1]) (0 past K). */
+static void pack_a_pairs(int64_t M, int64_t K, const int8_t *A, int64_t lda, int32_t *Ap) {
+    int64_t kp = pairs(K);
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *a = A + m * lda;
+        for (int64_t p = 0; p < kp; p++) {
+            int16_t lo = a[2 * p], hi = (2 * p + 1 < K) ? a[2 * p + 1] : 0;
+            Ap[m * kp + p] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+        }
+    }
+}
+
+/* Bp: kp panels of np int32 words, word (p, n) the int16 pair (B[n][2p], B[n][2p+1]); 0 for n >= N. */
+static void pack_b_pairs(int64_t N, int64_t K, const int8_t *B, int64_t ldb, int32_t *Bp) {
+    int64_t kp = pairs(K), np = padded16(N);
+    memset(Bp, 0, (size_t)(kp * np) * sizeof(int32_t));
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *b = B + n * ldb;
+        for (int64_t p = 0; p < kp; p++) {
+            int16_t lo = b[2 * p], hi = (2 * p + 1 < K) ? b[2 * p + 1] : 0;
+            Bp[p * np + n] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
+        }
+    }
+}
+
+static inline void store_row(int32_t *c, __m256i lo, __m256i hi, int64_t cols) {
+    if (cols >= 16) {
+        _mm256_storeu_si256((__m256i *)c, lo);
+        _mm256_storeu_si256((__m256i *)(c + 8), hi);
+        return;
+    }
+    int32_t tmp[16];
+    _mm256_storeu_si256((__m256i *)tmp, lo);
+    _mm256_storeu_si256((__m256i *)(tmp + 8), hi);
+    memcpy(c, tmp, (size_t)cols * sizeof(int32_t));
+}
+
+/* C[m0 .. m0+rows, n0 .. n0+cols), rows <= 4, cols <= 16: 8 accumulators, vpmaddwd per pair. */
+static void block_4x16(const int32_t *Ap, const int32_t *Bp, int64_t kp, int64_t np, int64_t m0, int64_t rows,
+                       int64_t n0, int64_t cols, int32_t *C, int64_t ldc) {
+    __m256i acc[4][2];
+    const int32_t *a[4];
+    for (int r = 0; r < 4; r++) {
+        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        a[r] = Ap + (m0 + (r < rows ? r : 0)) * kp;
+    }
+    for (int64_t p = 0; p < kp; p++) {
+        const int32_t *b = Bp + p * np + n0;
+        __m256i b0 = _mm256_loadu_si256((const __m256i *)b), b1 = _mm256_loadu_si256((const __m256i *)(b + 8));
+        for (int r = 0; r < 4; r++) {
+            __m256i av = _mm256_set1_epi32(a[r][p]);
+            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
+            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
+        }
+    }
+    for (int r = 0; r < rows; r++) store_row(C + (m0 + r) * ldc + n0, acc[r][0], acc[r][1], cols);
+}
+
+static void gemm_packed(int64_t M, int64_t N, int64_t K, const int32_t *Ap, const int32_t *Bp, int32_t *C, int64_t ldc) {
+    int64_t kp = pairs(K), np = padded16(N);
+    for (int64_t n0 = 0; n0 < N; n0 += 16)
+        for (int64_t m0 = 0; m0 < M; m0 += 4)
+            block_4x16(Ap, Bp, kp, np, m0, M - m0 < 4 ? M - m0 : 4, n0, N - n0 < 16 ? N - n0 : 16, C, ldc);
+}
+
+static int64_t a_bytes(int64_t M, int64_t K) { return align64(M * pairs(K) * 4); }
+static int64_t b_bytes(int64_t N, int64_t K) { return align64(pairs(K) * padded16(N) * 4); }
+
+static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
+                    int32_t *C, int64_t ldc, void *work) {
+    int32_t *Ap = (int32_t *)work, *Bp = (int32_t *)((char *)work + a_bytes(M, K));
+    pack_a_pairs(M, K, A, lda, Ap);
+    pack_b_pairs(N, K, B, ldb, Bp);
+    gemm_packed(M, N, K, Ap, Bp, C, ldc);
+}
+#else
+static int64_t a_bytes(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
+static int64_t b_bytes(int64_t N, int64_t K) { return align64(N * K); }
+
+/* Dot-product form: gcc turns the k loop into sdot (aarch64 +dotprod) or pmaddwd (x86). */
+static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
+                    int32_t *C, int64_t ldc, void *work) {
+    (void)work;
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *a = A + m * lda;
+        for (int64_t n = 0; n < N; n++) {
+            const int8_t *b = B + n * ldb;
+            int32_t acc = 0;
+            for (int64_t k = 0; k < K; k++) acc += (int32_t)a[k] * (int32_t)b[k];
+            C[m * ldc + n] = acc;
+        }
+    }
+}
+#endif
+
+EZO_API int64_t ezo_gemm_workspace(int64_t M, int64_t N, int64_t K) { return a_bytes(M, K) + b_bytes(N, K); }
+
+/* C[M, N] (row stride ldc) = A[M, K] * B[N, K]^T; work holds ezo_gemm_workspace(M, N, K) bytes. */
+EZO_API void ezo_gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B,
+                         int64_t ldb, int32_t *C, int64_t ldc, void *work) {
+    if (K == 0) {
+        for (int64_t m = 0; m < M; m++) memset(C + m * ldc, 0, (size_t)N * sizeof(int32_t));
+        return;
+    }
+    gemm_nt(M, N, K, A, lda, B, ldb, C, ldc, work);
+}
+
+/* ------------------------------------------------------------------ convolution */
+
+typedef struct {
+    int64_t C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW, K, N;
+} ezo_conv_shape;
+
+static ezo_conv_shape conv_shape(const int64_t *s) {
+    ezo_conv_shape c = {s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], 0, 0, 0, 0};
+    c.OH = (c.H + 2 * c.ph - c.kh) / c.sh + 1;
+    c.OW = (c.W + 2 * c.pw - c.kw) / c.sw + 1;
+    c.K = c.C * c.kh * c.kw;
+    c.N = c.OH * c.OW;
+    return c;
+}
+
+static int64_t xp_bytes(const ezo_conv_shape *s) { return align64(s->C * (s->H + 2 * s->ph) * (s->W + 2 * s->pw)); }
+static int64_t r_bytes(const ezo_conv_shape *s) { return align64(s->K * s->N); }
+
+/* One image with its zero border: xp[C][H + 2ph][W + 2pw], so patch reads need no bounds checks. */
+static void pad_image(const ezo_conv_shape *s, const int8_t *x, int8_t *xp) {
+    int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
+    if (s->ph == 0 && s->pw == 0) { memcpy(xp, x, (size_t)(s->C * s->H * s->W)); return; }
+    memset(xp, 0, (size_t)(s->C * hp * wp));
+    for (int64_t c = 0; c < s->C; c++)
+        for (int64_t h = 0; h < s->H; h++)
+            memcpy(xp + (c * hp + h + s->ph) * wp + s->pw, x + (c * s->H + h) * s->W, (size_t)s->W);
+}
+
+/* Start of patch entry k = (c, i, j) for output row oh in the padded image (columns step sw). */
+static inline const int8_t *patch_row(const ezo_conv_shape *s, const int8_t *xp, int64_t k, int64_t oh) {
+    int64_t c = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw;
+    int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
+    return xp + (c * hp + oh * s->sh + i) * wp + j;
+}
+
+/* One image's im2col, K-major: R[k][oh * OW + ow] for k = (c, i, j); no batch-sized column matrix. */
+static void im2col_kmajor(const ezo_conv_shape *s, const int8_t *xp, int8_t *R) {
+    int64_t step = s->sh * (s->W + 2 * s->pw);
+    for (int64_t k = 0; k < s->K; k++)
+        for (int64_t oh = 0; oh < s->OH; oh++) {
+            const int8_t *src = patch_row(s, xp, k, 0) + oh * step;
+            int8_t *dst = R + k * s->N + oh * s->OW;
+            for (int64_t ow = 0; ow < s->OW; ow++) dst[ow] = src[ow * s->sw];
+        }
+}
+
+#ifdef __AVX2__
+/* dst[n] = (r0[n], r1[n]) as int16 pairs, 8 at a time; the last 8 overlap instead of a scalar tail. */
+static inline void interleave_row(const int8_t *r0, const int8_t *r1, int32_t *dst, int64_t n) {
+    for (int64_t o = 0;; o += 8) {
+        if (o + 8 > n) o = n - 8;
+        __m128i a = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(r0 + o)));
+        __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)(r1 + o)));
+        _mm_storeu_si128((__m128i *)(dst + o), _mm_unpacklo_epi16(a, b));
+        _mm_storeu_si128((__m128i *)(dst + o + 4), _mm_unpackhi_epi16(a, b));
+        if (o + 8 >= n) return;
+    }
+}
+
+/* The packed operand of the product straight from the padded image: word (p, n) = (R[2p][n], R[2p+1][n]). */
+static void pack_patches_pairs(const ezo_conv_shape *s, const int8_t *xp, int32_t *Bp) {
+    int64_t kp = pairs(s->K), np = padded16(s->N);
+    for (int64_t p = 0; p < kp; p++) {
+        int32_t *dst = Bp + p * np;
+        int64_t step = s->sh * (s->W + 2 * s->pw);  /* input rows between two output rows */
+        const int8_t *r0 = patch_row(s, xp, 2 * p, 0);
+        const int8_t *r1 = 2 * p + 1 < s->K ? patch_row(s, xp, 2 * p + 1, 0) : 0;
+        for (int64_t oh = 0; oh < s->OH; oh++, dst += s->OW, r0 += step, r1 = r1 ? r1 + step : 0) {
+            if (s->sw == 1 && r1 && s->OW >= 8)
+                interleave_row(r0, r1, dst, s->OW);
+            else
+                for (int64_t ow = 0; ow < s->OW; ow++) {
+                    int16_t hi = r1 ? r1[ow * s->sw] : 0;
+                    dst[ow] = (int32_t)((uint32_t)(uint16_t)(int16_t)r0[ow * s->sw] | ((uint32_t)(uint16_t)hi << 16));
+                }
+        }
+        memset(Bp + p * np + s->N, 0, (size_t)(np - s->N) * sizeof(int32_t));
+    }
+}
+#endif
+
+/* shape = {C, H, W, O, kh, kw, sh, sw, ph, pw}: bytes of workspace a conv call needs. */
+EZO_API int64_t ezo_conv2d_workspace(const int64_t *shape) {
+    ezo_conv_shape s = conv_shape(shape);
+    return a_bytes(s.O, s.K) + xp_bytes(&s) + r_bytes(&s) + b_bytes(s.N, s.K);
+}
+
+typedef struct { void *a, *xp, *r, *b; } conv_work;
+
+static conv_work conv_split(const ezo_conv_shape *s, void *work) {
+    char *w = (char *)work;
+    conv_work cw;
+    cw.a = w;
+    cw.xp = w + a_bytes(s->O, s->K);
+    cw.r = (char *)cw.xp + xp_bytes(s);
+    cw.b = (char *)cw.r + r_bytes(s);
+    return cw;
+}
+
+static void conv_prepare(const ezo_conv_shape *s, const int8_t *w, conv_work *cw) {
+#ifdef __AVX2__
+    pack_a_pairs(s->O, s->K, w, s->K, (int32_t *)cw->a);  /* once per call, not per image */
+#else
+    (void)s; (void)w; (void)cw;
+#endif
+}
+
+static void conv_image(const ezo_conv_shape *s, const int8_t *x, const int8_t *w, int32_t *acc, conv_work *cw) {
+    int8_t *xp = (int8_t *)cw->xp;
+    pad_image(s, x, xp);
+#ifdef __AVX2__
+    (void)w;
+    pack_patches_pairs(s, xp, (int32_t *)cw->b);
+    gemm_packed(s->O, s->N, s->K, (const int32_t *)cw->a, (const int32_t *)cw->b, acc, s->N);
+#else
+    int8_t *P = (int8_t *)cw->r;  /* pixel-major patches P[n][k] for the dot-product form */
+    for (int64_t k = 0; k < s->K; k++)
+        for (int64_t oh = 0; oh < s->OH; oh++) {
+            const int8_t *src = patch_row(s, xp, k, oh);
+            for (int64_t ow = 0; ow < s->OW; ow++) P[(oh * s->OW + ow) * s->K + k] = src[ow * s->sw];
+        }
+    gemm_nt(s->O, s->N, s->K, w, s->K, P, s->K, acc, s->N, cw->b);
+#endif
+}
+
+/* acc[B, O, OH, OW] int32 = cross-correlation of x[B, C, H, W] with w[O, C, kh, kw] (as F.conv2d). */
+EZO_API void ezo_conv2d(int64_t B, const int64_t *shape, const int8_t *x, const int8_t *w, int32_t *acc, void *work) {
+    ezo_conv_shape s = conv_shape(shape);
+    conv_work cw = conv_split(&s, work);
+    conv_prepare(&s, w, &cw);
+    for (int64_t b = 0; b < B; b++) conv_image(&s, x + b * s.C * s.H * s.W, w, acc + b * s.O * s.N, &cw);
+}
+
+/* ------------------------------------------------------------------ requantisation epilogue */
+
+static int64_t absmax32(int64_t n, const int32_t *v) {
+    int32_t lo = 0, hi = 0;
+    for (int64_t i = 0; i < n; i++) {
+        lo = v[i] < lo ? v[i] : lo;
+        hi = v[i] > hi ? v[i] : hi;
+    }
+    int64_t a = -(int64_t)lo;
+    return a > hi ? a : hi;
+}
+
+/* s = max(bitlength(top) - 7, 0): the shift that brings the largest magnitude to 7 bits. */
+static int64_t shift_for(int64_t top) {
+    int64_t bits = 0;
+    while (bits < 63 && (top >> bits) != 0) bits++;
+    return bits > 7 ? bits - 7 : 0;
+}
+
+/* out = saturate(round_half_up(acc / 2**s)): y = acc >> (s - b), (y >> b) + (y & b), b = s > 0. */
+static void narrow32(int64_t n, const int32_t *acc, int64_t s, int8_t *out) {
+    int b = s > 0, t = (int)s - b;
+    for (int64_t i = 0; i < n; i++) {
+        int32_t y = acc[i] >> t;
+        int32_t r = (y >> b) + (y & b);
+        out[i] = (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
+    }
+}
+
+EZO_API int64_t ezo_requant_shift(int64_t n, const int32_t *acc) { return shift_for(absmax32(n, acc)); }
+
+EZO_API void ezo_requant(int64_t n, const int32_t *acc, int64_t s, int8_t *out) { narrow32(n, acc, s, out); }
+
+/* Pass 1 of the one-pass requantisation, for one image with shift sb = max(bitlength - 7, 0) of its
+ * own: hi = acc >> sb (fits int8 because |acc| < 2**(sb + 7)) goes to out, and the next lower bit
+ * (acc >> (sb - 1)) & 1, the rounding bit, to a bit plane. */
+static void narrow_provisional(int64_t n, const int32_t *acc, int64_t sb, int8_t *out, uint8_t *bits) {
+    memset(bits, 0, (size_t)((n + 7) / 8));
+    for (int64_t i = 0; i < n; i++) out[i] = (int8_t)(acc[i] >> sb);
+    if (sb > 0)
+        for (int64_t i = 0; i < n; i++) bits[i >> 3] |= (uint8_t)(((acc[i] >> (sb - 1)) & 1) << (i & 7));
+}
+
+/* Pass 2: the final shift S >= sb. Floor shifts compose, floor(acc / 2**(S-1)) = z >> (S - sb) with
+ * z = floor(acc / 2**(sb-1)) = 2 hi + bit, so the result equals narrow32(acc, S) bit for bit. */
+static void narrow_final(int64_t n, int8_t *out, const uint8_t *bits, int64_t sb, int64_t S) {
+    if (S == 0) return;  /* every image had sb = 0: out already holds acc, |acc| <= 127 */
+    for (int64_t i = 0; i < n; i++) {
+        int32_t z = sb > 0 ? 2 * (int32_t)out[i] + ((bits[i >> 3] >> (i & 7)) & 1) : 2 * (int32_t)out[i];
+        int32_t y = z >> (S - sb);  /* sb = 0: z = 2 acc, and 2 acc >> S = acc >> (S - 1) */
+        int32_t r = (y >> 1) + (y & 1);
+        out[i] = (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
+    }
+}
+
+EZO_API int64_t ezo_requant_bits_bytes(int64_t B, int64_t n) { return B * ((n + 7) / 8); }
+
+/* Fused conv + requantisation in ONE pass over the images, holding one image's int32 accumulator
+ * (`scratch`, O*OH*OW int32) and a bit plane (`bits`, ezo_requant_bits_bytes): each image is
+ * narrowed by its own shift at once, then all are brought to the common shift. Returns the shift. */
+EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t *x, const int8_t *w, int8_t *out,
+                                   int32_t *scratch, uint8_t *bits, int64_t *shifts, void *work) {
+    ezo_conv_shape s = conv_shape(shape);
+    conv_work cw = conv_split(&s, work);
+    int64_t in = s.C * s.H * s.W, n = s.O * s.N, nb = (n + 7) / 8, S = 0;
+    conv_prepare(&s, w, &cw);
+    for (int64_t b = 0; b < B; b++) {
+        conv_image(&s, x + b * in, w, scratch, &cw);
+        shifts[b] = shift_for(absmax32(n, scratch));
+        narrow_provisional(n, scratch, shifts[b], out + b * n, bits + b * nb);
+        S = shifts[b] > S ? shifts[b] : S;
+    }
+    for (int64_t b = 0; b < B; b++) narrow_final(n, out + b * n, bits + b * nb, shifts[b], S);
+    return S;
+}
+
+/* Weight gradient dW[O, K] (int64, summed over images) = sum_b g_b[O, N] * R_b[K, N]^T, R_b the
+ * image's K-major im2col: K = N terms per image in int32, the images summed in int64. */
+EZO_API void ezo_conv2d_grad_weight(int64_t B, const int64_t *shape, const int8_t *g, const int8_t *x, int64_t *dw,
+                                    int32_t *tmp, void *work) {
+    ezo_conv_shape s = conv_shape(shape);
+    int8_t *xp = (int8_t *)work, *R = xp + xp_bytes(&s);
+    void *gw = R + r_bytes(&s);
+    for (int64_t b = 0; b < B; b++) {
+        pad_image(&s, x + b * s.C * s.H * s.W, xp);
+        im2col_kmajor(&s, xp, R);
+        gemm_nt(s.O, s.K, s.N, g + b * s.O * s.N, s.N, R, s.N, tmp, s.K, gw);
+        for (int64_t i = 0; i < s.O * s.K; i++) dw[i] += tmp[i];
+    }
+}
+
+EZO_API int64_t ezo_conv2d_grad_weight_workspace(const int64_t *shape) {
+    ezo_conv_shape s = conv_shape(shape);
+    return xp_bytes(&s) + r_bytes(&s) + a_bytes(s.O, s.N) + b_bytes(s.K, s.N);
+}
+
+EZO_API int ezo_abi_version(void) { return 2; }

@@ -1,0 +1,134 @@
+"""The native kernels as torch ops (``torch.ops.elasticzo_int8.*``, CPU), and their exactness probe.
+
+Each op checks its operands, allocates its output and workspace as torch tensors (so memory
+measurements see them) and calls the C function of ``native`` on the data pointers. The ops are
+only reached through ``int8.ops`` / ``int8.format`` after ``native.load()`` succeeded.
+"""
+from __future__ import annotations
+
+import torch
+
+from elasticzo.int8 import native
+
+NAMESPACE = "elasticzo_int8"
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+
+
+def _register(schema: str, fn) -> None:
+    _LIBRARY.define(schema)
+    _LIBRARY.impl(schema.split("(")[0], fn, "CPU")
+
+
+def _need(t: torch.Tensor, dtype: torch.dtype, dims: int, name: str) -> torch.Tensor:
+    if t.dtype != dtype or t.dim() != dims or t.device.type != "cpu":
+        raise TypeError(f"{name} must be a {dims}-d {dtype} CPU tensor, got {t.dim()}-d {t.dtype} on {t.device}")
+    return t.contiguous()
+
+
+def _workspace(nbytes: int) -> torch.Tensor:
+    return torch.empty(max(int(nbytes), 1), dtype=torch.uint8)
+
+
+def _conv_shape(x: torch.Tensor, w: torch.Tensor, stride, padding):
+    """The C shape array {C, H, W, O, kh, kw, sh, sw, ph, pw} and the output size (OH, OW)."""
+    _, c, h, wd = x.shape
+    o, cw, kh, kw = w.shape
+    if cw != c:
+        raise ValueError(f"conv weight has {cw} input channels, input has {c}")
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (wd + 2 * pw - kw) // sw + 1
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"conv output would be {oh}x{ow} for input {h}x{wd}, kernel {kh}x{kw}, padding {padding}")
+    return native.shape_array([c, h, wd, o, kh, kw, sh, sw, ph, pw]), oh, ow
+
+
+def _gemm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8, b [N, K] int8 -> a @ b^T [M, N] int32 (K <= MAX_INT32_TERMS: the caller's rule)."""
+    a, b = _need(a, torch.int8, 2, "a"), _need(b, torch.int8, 2, "b")
+    (m, k), n = a.shape, b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"gemm_nt: a is {tuple(a.shape)}, b is {tuple(b.shape)}; inner sizes differ")
+    out = torch.empty(m, n, dtype=torch.int32)
+    lib = native.lib()
+    work = _workspace(lib.ezo_gemm_workspace(m, n, k))
+    p = native.ptr
+    lib.ezo_gemm_nt(m, n, k, p(a), k, p(b), k, p(out), n, p(work))
+    return out
+
+
+def _conv2d(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int]) -> torch.Tensor:
+    """int32 [B, O, OH, OW] cross-correlation (as ``F.conv2d``, no bias)."""
+    x, w = _need(x, torch.int8, 4, "x"), _need(w, torch.int8, 4, "w")
+    shape, oh, ow = _conv_shape(x, w, stride, padding)
+    out = torch.empty(x.shape[0], w.shape[0], oh, ow, dtype=torch.int32)
+    lib = native.lib()
+    work, p = _workspace(lib.ezo_conv2d_workspace(shape)), native.ptr
+    lib.ezo_conv2d(x.shape[0], shape, p(x), p(w), p(out), p(work))
+    return out
+
+
+def _conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int]):
+    """(int8 [B, O, OH, OW], int64 shift): the conv requantised, one image's int32 accumulator at a time."""
+    x, w = _need(x, torch.int8, 4, "x"), _need(w, torch.int8, 4, "w")
+    shape, oh, ow = _conv_shape(x, w, stride, padding)
+    out = torch.empty(x.shape[0], w.shape[0], oh, ow, dtype=torch.int8)
+    n, lib = w.shape[0] * oh * ow, native.lib()
+    scratch = torch.empty(n, dtype=torch.int32)  # one image's accumulator
+    bits = _workspace(lib.ezo_requant_bits_bytes(x.shape[0], n))  # one rounding bit per output
+    shifts = torch.empty(x.shape[0], dtype=torch.int64)
+    work, p = _workspace(lib.ezo_conv2d_workspace(shape)), native.ptr
+    s = lib.ezo_conv2d_requant(x.shape[0], shape, p(x), p(w), p(out), p(scratch), p(bits), p(shifts), p(work))
+    return out, torch.tensor(s, dtype=torch.int64)
+
+
+def _conv2d_grad_weight(g: torch.Tensor, x: torch.Tensor, weight_shape: list[int], stride: list[int],
+                        padding: list[int]) -> torch.Tensor:
+    """int64 [O, C, kh, kw]: sum over images of g_b (x) patches_b, one image's int32 product at a time."""
+    g, x = _need(g, torch.int8, 4, "g"), _need(x, torch.int8, 4, "x")
+    w = torch.empty(weight_shape, dtype=torch.int8)  # only its shape is read
+    shape, oh, ow = _conv_shape(x, w, stride, padding)
+    if tuple(g.shape) != (x.shape[0], weight_shape[0], oh, ow):
+        raise ValueError(f"conv grad: g is {tuple(g.shape)}, expected {(x.shape[0], weight_shape[0], oh, ow)}")
+    dw = torch.zeros(weight_shape, dtype=torch.int64)
+    tmp = torch.empty(weight_shape, dtype=torch.int32)
+    lib = native.lib()
+    work, p = _workspace(lib.ezo_conv2d_grad_weight_workspace(shape)), native.ptr
+    lib.ezo_conv2d_grad_weight(x.shape[0], shape, p(g), p(x), p(dw), p(tmp), p(work))
+    return dw
+
+
+def _requantize(acc: torch.Tensor):
+    """(int8 values, int64 shift) of an int32 accumulator: ``format.requantize_int32`` in one pass each."""
+    if acc.dtype != torch.int32 or acc.device.type != "cpu":
+        raise TypeError(f"requantize expects an int32 CPU tensor, got {acc.dtype} on {acc.device}")
+    acc = acc.contiguous()
+    lib, p = native.lib(), native.ptr
+    s = lib.ezo_requant_shift(acc.numel(), p(acc))
+    out = torch.empty(acc.shape, dtype=torch.int8)
+    lib.ezo_requant(acc.numel(), p(acc), s, p(out))
+    return out, torch.tensor(s, dtype=torch.int64)
+
+
+_register("gemm_nt(Tensor a, Tensor b) -> Tensor", _gemm_nt)
+_register("conv2d(Tensor x, Tensor w, int[] stride, int[] padding) -> Tensor", _conv2d)
+_register("conv2d_requant(Tensor x, Tensor w, int[] stride, int[] padding) -> (Tensor, Tensor)", _conv2d_requant)
+_register("conv2d_grad_weight(Tensor g, Tensor x, int[] weight_shape, int[] stride, int[] padding) -> Tensor",
+          _conv2d_grad_weight)
+_register("requantize(Tensor acc) -> (Tensor, Tensor)", _requantize)
+OPS = getattr(torch.ops, NAMESPACE)
+
+
+def self_check() -> None:
+    """Raise unless every op equals a widened int64 computation on random and extreme operands."""
+    gen = torch.Generator().manual_seed(0)
+    for lo, hi in ((-128, 128), (127, 128), (-128, -127)):  # random, all +127, all -128
+        a = torch.randint(lo, hi, (37, 53), generator=gen, dtype=torch.int8)
+        b = torch.randint(lo, hi, (21, 53), generator=gen, dtype=torch.int8)
+        want = (a.long() @ b.long().t()).int()
+        if not torch.equal(OPS.gemm_nt(a, b), want):
+            raise RuntimeError(f"gemm_nt differs from int64 matmul on values in [{lo}, {hi})")
+        x = torch.randint(lo, hi, (3, 2, 9, 11), generator=gen, dtype=torch.int8)
+        w = torch.randint(lo, hi, (5, 2, 3, 4), generator=gen, dtype=torch.int8)
+        want = torch.nn.functional.conv2d(x.double(), w.double(), stride=(2, 1), padding=(1, 2)).int()
+        if not torch.equal(OPS.conv2d(x, w, [2, 1], [1, 2]), want):
+            raise RuntimeError(f"conv2d differs from float64 conv2d on values in [{lo}, {hi})")
