@@ -305,21 +305,51 @@ EZO_API void ezo_requant(int64_t n, const int32_t *acc, int64_t s, int8_t *out) 
  * own: hi = acc >> sb (fits int8 because |acc| < 2**(sb + 7)) goes to out, and the next lower bit
  * (acc >> (sb - 1)) & 1, the rounding bit, to a bit plane. */
 static void narrow_provisional(int64_t n, const int32_t *acc, int64_t sb, int8_t *out, uint8_t *bits) {
-    memset(bits, 0, (size_t)((n + 7) / 8));
-    for (int64_t i = 0; i < n; i++) out[i] = (int8_t)(acc[i] >> sb);
-    if (sb > 0)
-        for (int64_t i = 0; i < n; i++) bits[i >> 3] |= (uint8_t)(((acc[i] >> (sb - 1)) & 1) << (i & 7));
+    int64_t t = sb > 0 ? sb - 1 : 0, i = 0;
+    for (int64_t j = 0; j < n; j++) out[j] = (int8_t)(acc[j] >> sb);
+#ifdef __AVX2__
+    for (; i + 8 <= n; i += 8) {  /* bit k of the byte = lowest bit of acc >> t, via the sign-bit mask */
+        __m256i v = _mm256_sll_epi32(_mm256_sra_epi32(_mm256_loadu_si256((const __m256i *)(acc + i)),
+                                                      _mm_cvtsi64_si128(t)), _mm_cvtsi32_si128(31));
+        bits[i >> 3] = sb > 0 ? (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(v)) : 0;
+    }
+#endif
+    for (; i < n; i += 8) {
+        uint32_t byte = 0;
+        for (int64_t k = i; k < i + 8 && k < n; k++) byte |= (uint32_t)((acc[k] >> t) & 1) << (k - i);
+        bits[i >> 3] = sb > 0 ? (uint8_t)byte : 0;
+    }
+}
+
+static inline int8_t round_saturate(int32_t z, int64_t shift) {
+    int32_t y = z >> shift;
+    int32_t r = (y >> 1) + (y & 1);
+    return (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
 }
 
 /* Pass 2: the final shift S >= sb. Floor shifts compose, floor(acc / 2**(S-1)) = z >> (S - sb) with
- * z = floor(acc / 2**(sb-1)) = 2 hi + bit, so the result equals narrow32(acc, S) bit for bit. */
+ * z = floor(acc / 2**(sb-1)) = 2 hi + bit, so the result equals narrow32(acc, S) bit for bit
+ * (sb = 0: z = 2 acc and 2 acc >> S = acc >> (S - 1)). */
 static void narrow_final(int64_t n, int8_t *out, const uint8_t *bits, int64_t sb, int64_t S) {
     if (S == 0) return;  /* every image had sb = 0: out already holds acc, |acc| <= 127 */
-    for (int64_t i = 0; i < n; i++) {
-        int32_t z = sb > 0 ? 2 * (int32_t)out[i] + ((bits[i >> 3] >> (i & 7)) & 1) : 2 * (int32_t)out[i];
-        int32_t y = z >> (S - sb);  /* sb = 0: z = 2 acc, and 2 acc >> S = acc >> (S - 1) */
-        int32_t r = (y >> 1) + (y & 1);
-        out[i] = (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
+    int64_t i = 0, shift = S - sb;
+#ifdef __AVX2__
+    const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), one = _mm256_set1_epi32(1);
+    const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
+    const __m128i sh = _mm_cvtsi64_si128(shift);
+    for (; i + 8 <= n; i += 8) {
+        __m256i bit = _mm256_and_si256(_mm256_set1_epi32(sb > 0 ? bits[i >> 3] : 0), lanes);
+        bit = _mm256_and_si256(_mm256_cmpeq_epi32(bit, lanes), one);
+        __m256i z = _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(out + i))), 1), bit);
+        __m256i y = _mm256_sra_epi32(z, sh);
+        __m256i r = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_srai_epi32(y, 1), _mm256_and_si256(y, one)), lo), hi);
+        __m128i r16 = _mm_packs_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_storel_epi64((__m128i *)(out + i), _mm_packs_epi16(r16, r16));
+    }
+#endif
+    for (; i < n; i++) {
+        int32_t bit = sb > 0 ? (bits[i >> 3] >> (i & 7)) & 1 : 0;
+        out[i] = round_saturate(2 * (int32_t)out[i] + bit, shift);
     }
 }
 

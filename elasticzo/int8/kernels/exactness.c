@@ -1,0 +1,131 @@
+/* Exactness driver for ezo_int8.c with no Python and no torch: builds for any target (aarch64 under
+ * qemu, see scripts/aarch64_exactness.sh) and compares every kernel with naive int64 loops on random
+ * and extreme operands (all +127, all -127, all -128, ReLU-range 0..127). Prints one line per
+ * kernel and exits 1 on the first mismatch. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "ezo_int8.c"
+
+static uint64_t rng = 0x9E3779B97F4A7C15ull;
+
+static int8_t draw(int fill) {
+    rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;  /* xorshift64 */
+    switch (fill) {
+        case 1: return 127;
+        case 2: return -127;
+        case 3: return -128;
+        case 4: return (int8_t)(rng % 128);
+        default: return (int8_t)(rng & 0xFF);
+    }
+}
+
+static void fill_buf(int8_t *p, int64_t n, int fill) { for (int64_t i = 0; i < n; i++) p[i] = draw(fill); }
+
+static int check_gemm(int64_t M, int64_t N, int64_t K, int fa, int fb) {
+    int8_t *A = malloc(M * K + 1), *B = malloc(N * K + 1);
+    int32_t *C = malloc(M * N * 4 + 4);
+    void *work = malloc(ezo_gemm_workspace(M, N, K) + 64);
+    fill_buf(A, M * K, fa); fill_buf(B, N * K, fb);
+    ezo_gemm_nt(M, N, K, A, K, B, K, C, N, work);
+    int bad = 0;
+    for (int64_t m = 0; m < M && !bad; m++)
+        for (int64_t n = 0; n < N; n++) {
+            int64_t want = 0;
+            for (int64_t k = 0; k < K; k++) want += (int64_t)A[m * K + k] * B[n * K + k];
+            if (want != C[m * N + n]) { bad = 1; break; }
+        }
+    free(A); free(B); free(C); free(work);
+    return bad;
+}
+
+static int64_t naive_conv(const ezo_conv_shape *s, const int8_t *x, const int8_t *w, int64_t b, int64_t o,
+                          int64_t oh, int64_t ow) {
+    int64_t acc = 0;
+    for (int64_t c = 0; c < s->C; c++)
+        for (int64_t i = 0; i < s->kh; i++)
+            for (int64_t j = 0; j < s->kw; j++) {
+                int64_t h = oh * s->sh + i - s->ph, v = ow * s->sw + j - s->pw;
+                if (h < 0 || h >= s->H || v < 0 || v >= s->W) continue;
+                acc += (int64_t)x[((b * s->C + c) * s->H + h) * s->W + v] * w[((o * s->C + c) * s->kh + i) * s->kw + j];
+            }
+    return acc;
+}
+
+static int8_t naive_narrow(int64_t acc, int64_t S) {
+    int64_t b = S > 0, y = acc >> (S - b), r = (y >> b) + (y & b);
+    return (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
+}
+
+static int check_conv(const int64_t *shape, int64_t B, int fx, int fw) {
+    ezo_conv_shape s = conv_shape(shape);
+    int64_t nx = B * s.C * s.H * s.W, n = s.O * s.N, top = 0, bad = 0;
+    int8_t *x = malloc(nx + 1), *w = malloc(s.O * s.K + 1), *out = malloc(B * n + 1);
+    int32_t *acc = malloc(B * n * 4 + 4), *scratch = malloc(n * 4 + 4);
+    int64_t *want = malloc(B * n * 8 + 8), *shifts = malloc(B * 8);
+    uint8_t *bits = malloc(ezo_requant_bits_bytes(B, n) + 1);
+    void *work = malloc(ezo_conv2d_workspace(shape) + 64);
+    fill_buf(x, nx, fx); fill_buf(w, s.O * s.K, fw);
+    for (int64_t b = 0; b < B && b < 2; b++)  /* quieter images: their own shift is below the final one */
+        for (int64_t i = 0; i < s.C * s.H * s.W; i++) x[b * s.C * s.H * s.W + i] >>= 3 * (b + 1);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t o = 0; o < s.O; o++)
+            for (int64_t p = 0; p < s.N; p++) {
+                int64_t v = naive_conv(&s, x, w, b, o, p / s.OW, p % s.OW);
+                want[(b * s.O + o) * s.N + p] = v;
+                top = (v < 0 ? -v : v) > top ? (v < 0 ? -v : v) : top;
+            }
+    ezo_conv2d(B, shape, x, w, acc, work);
+    for (int64_t i = 0; i < B * n; i++) bad |= acc[i] != want[i];
+    int64_t S = ezo_conv2d_requant(B, shape, x, w, out, scratch, bits, shifts, work);
+    bad |= S != shift_for(top);
+    for (int64_t i = 0; i < B * n; i++) bad |= out[i] != naive_narrow(want[i], S);
+    free(x); free(w); free(out); free(acc); free(scratch); free(want); free(shifts); free(bits); free(work);
+    return (int)bad;
+}
+
+static int check_grad_weight(const int64_t *shape, int64_t B, int fx) {
+    ezo_conv_shape s = conv_shape(shape);
+    int64_t nx = B * s.C * s.H * s.W, ng = B * s.O * s.N, bad = 0;
+    int8_t *x = malloc(nx + 1), *g = malloc(ng + 1);
+    int64_t *dw = calloc(s.O * s.K, 8);
+    int32_t *tmp = malloc(s.O * s.K * 4 + 4);
+    void *work = malloc(ezo_conv2d_grad_weight_workspace(shape) + 64);
+    fill_buf(x, nx, fx); fill_buf(g, ng, 0);
+    ezo_conv2d_grad_weight(B, shape, g, x, dw, tmp, work);
+    for (int64_t o = 0; o < s.O; o++)
+        for (int64_t k = 0; k < s.K; k++) {
+            int64_t c = k / (s.kh * s.kw), i = (k / s.kw) % s.kh, j = k % s.kw, want = 0;
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t p = 0; p < s.N; p++) {
+                    int64_t h = (p / s.OW) * s.sh + i - s.ph, v = (p % s.OW) * s.sw + j - s.pw;
+                    if (h < 0 || h >= s.H || v < 0 || v >= s.W) continue;
+                    want += (int64_t)g[(b * s.O + o) * s.N + p] * x[((b * s.C + c) * s.H + h) * s.W + v];
+                }
+            bad |= dw[o * s.K + k] != want;
+        }
+    free(x); free(g); free(dw); free(tmp); free(work);
+    return (int)bad;
+}
+
+int main(void) {
+    static const int64_t gemms[][3] = {{1, 1, 1}, {5, 3, 7}, {64, 120, 400}, {17, 33, 151}, {4, 16, 2}, {9, 10, 84}};
+    static const int64_t convs[][10] = {  /* C, H, W, O, kh, kw, sh, sw, ph, pw */
+        {1, 28, 28, 6, 5, 5, 1, 1, 2, 2}, {6, 14, 14, 16, 5, 5, 1, 1, 0, 0}, {2, 9, 11, 5, 3, 4, 2, 1, 1, 2},
+        {3, 7, 7, 4, 3, 3, 2, 3, 1, 0}, {1, 5, 5, 1, 1, 1, 1, 1, 0, 0}, {16, 5, 9, 6, 5, 5, 1, 1, 4, 4}};
+    int failures = 0, cases = 0;
+    for (int fa = 0; fa < 5; fa++)
+        for (int fb = 0; fb < 5; fb++) {
+            for (size_t i = 0; i < sizeof gemms / sizeof gemms[0]; i++, cases++)
+                failures += check_gemm(gemms[i][0], gemms[i][1], gemms[i][2], fa, fb);
+            for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++, cases++)
+                failures += check_conv(convs[i], 3, fa, fb);
+        }
+    for (int fx = 0; fx < 5; fx++)
+        for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++, cases++)
+            failures += check_grad_weight(convs[i], 2, fx);
+    printf("ezo_int8 exactness: %d of %d cases differ from int64 loops\n", failures, cases);
+    return failures != 0;
+}

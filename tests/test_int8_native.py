@@ -1,0 +1,152 @@
+"""The native int8 kernels equal the portable path bit for bit; without them, the portable path runs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elasticzo.int8 import native, ops
+from elasticzo.int8.format import QTensor, requantize_int32
+from elasticzo.int8.layers import IntConv2d, requantize_tiled
+
+pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels do not build here (see the log line)")
+FAST = settings(max_examples=40, deadline=None)
+FILLS = ("random", "all+127", "all-127", "all-128", "relu")  # the extremes a property must survive
+
+
+def _fill(shape, fill: str, gen: torch.Generator) -> torch.Tensor:
+    if fill == "random":
+        return torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+    if fill == "relu":  # NITI activations after ReLU: 0..127
+        return torch.randint(0, 128, shape, generator=gen, dtype=torch.int8)
+    return torch.full(shape, int(fill[3:]), dtype=torch.int8)
+
+
+def _ops():
+    from elasticzo.int8.native_ops import OPS
+
+    return OPS
+
+
+@FAST
+@given(st.integers(1, 70), st.integers(1, 40), st.integers(0, 300), st.sampled_from(FILLS), st.sampled_from(FILLS),
+       st.integers(0, 2**31))
+def test_gemm_equals_int64_matmul(m, n, k, fill_a, fill_b, seed):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = _fill((m, k), fill_a, gen), _fill((n, k), fill_b, gen)
+    assert torch.equal(_ops().gemm_nt(a, b), (a.long() @ b.long().t()).int())
+
+
+conv_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),  # B, C, O
+                        st.integers(1, 5), st.integers(1, 5),  # kh, kw
+                        st.integers(0, 9), st.integers(0, 9),  # extra H, W beyond the kernel
+                        st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(0, 2))  # stride, pad
+
+
+def _conv_case(shape, fill_x, fill_w, seed):
+    b, c, o, kh, kw, eh, ew, sh, sw, ph, pw = shape
+    gen = torch.Generator().manual_seed(seed)
+    x, w = _fill((b, c, kh + eh, kw + ew), fill_x, gen), _fill((o, c, kh, kw), fill_w, gen)
+    return x, w, (sh, sw), (min(ph, kh - 1), min(pw, kw - 1))
+
+
+@FAST
+@given(conv_shapes, st.sampled_from(FILLS), st.sampled_from(FILLS), st.integers(0, 2**31))
+def test_conv2d_equals_float64_conv(shape, fill_x, fill_w, seed):
+    x, w, stride, padding = _conv_case(shape, fill_x, fill_w, seed)
+    want = F.conv2d(x.double(), w.double(), stride=stride, padding=padding)  # exact: |acc| < 2**53
+    assert torch.equal(_ops().conv2d(x, w, list(stride), list(padding)), want.int())
+
+
+@FAST
+@given(conv_shapes, st.sampled_from(FILLS), st.sampled_from(FILLS), st.integers(0, 2**31), st.integers(0, 4))
+def test_fused_requantisation_equals_whole_accumulator(shape, fill_x, fill_w, seed, quiet):
+    """One pass with per-image provisional shifts == requantize_int32 of the whole accumulator."""
+    x, w, stride, padding = _conv_case(shape, fill_x, fill_w, seed)
+    x[: min(quiet, x.shape[0] - 1)] >>= 5  # images with smaller shifts than the loudest one
+    acc = F.conv2d(x.double(), w.double(), stride=stride, padding=padding).long()
+    want = requantize_int32(acc, 0)
+    values, shift = _ops().conv2d_requant(x, w, list(stride), list(padding))
+    assert torch.equal(values, want.values) and int(shift) == int(want.exponent)
+
+
+@FAST
+@given(conv_shapes, st.sampled_from(FILLS), st.integers(0, 2**31))
+def test_conv_weight_gradient_equals_reference(shape, fill, seed):
+    x, w, stride, padding = _conv_case(shape, fill, "random", seed)
+    g = torch.randint(-127, 128, ops.int8_conv2d(x, w, stride, padding, "reference").shape, dtype=torch.int8)
+    want = ops.int8_conv2d_grad_weight(g, x, w.shape, stride, padding, "reference")
+    got = ops.int8_conv2d_grad_weight(g, x, w.shape, stride, padding, "native")
+    assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tile", [0, 3])
+def test_layer_native_equals_reference_forward_and_backward(tile):
+    """IntConv2d through the native path == through the reference path: output, exponent, gradients."""
+    gen = torch.Generator().manual_seed(3)
+    x = QTensor(torch.randint(0, 128, (7, 3, 12, 12), generator=gen, dtype=torch.int8), -7)
+    w = torch.randint(-127, 128, (5, 3, 5, 5), generator=gen, dtype=torch.int8)
+    g = QTensor(torch.randint(-127, 128, (7, 5, 10, 10), generator=gen, dtype=torch.int8), -9)
+    results = {}
+    for impl in ("reference", "native"):
+        ops.set_matmul_impl(impl)
+        try:
+            layer = IntConv2d(w, -6, padding=1, tile=tile)
+            out = layer.forward(x, store=True)
+            gin = layer.backward(g)
+            results[impl] = (out.values, int(out.exponent), layer.grad_acc, gin.values, int(gin.exponent))
+        finally:
+            ops.set_matmul_impl("auto")
+    for ref, nat in zip(results["reference"], results["native"]):
+        assert ref == nat if isinstance(ref, int) else torch.equal(ref, nat)
+
+
+def test_tiled_requantisation_still_equals_fused():
+    """The portable tiled path and the native fused one agree on a real LeNet-5 conv shape."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 128, (64, 6, 14, 14), generator=gen, dtype=torch.int8)
+    w = torch.randint(-127, 128, (16, 6, 5, 5), generator=gen, dtype=torch.int8)
+    tiled = requantize_tiled(lambda lo, hi: ops.int8_conv2d(x[lo:hi], w, 1, 0, "reference"), 64, 8, 0)
+    values, shift = ops.int8_conv2d_requant(x, w, 1, 0, "native")
+    assert torch.equal(values, tiled.values) and int(shift) == int(tiled.exponent)
+
+
+def test_auto_picks_an_available_exact_implementation():
+    choice = ops.choose_impl("cpu")
+    assert set(choice) == {"matmul", "conv"}
+    from elasticzo.int8.speed_probe import candidates
+
+    assert all(impl in candidates() for impl in choice.values())
+
+
+def test_cache_key_includes_the_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELASTICZO_CACHE", str(tmp_path))
+    cc = native._compiler()
+    a = native.build(cc, native.compile_flags() + ["-DEZO_PROBE_A"])
+    b = native.build(cc, native.compile_flags() + ["-DEZO_PROBE_B"])
+    assert a != b and a.exists() and b.exists()
+    assert native.build(cc, native.compile_flags() + ["-DEZO_PROBE_A"]) == a  # cached, not rebuilt
+
+
+def _load_in_subprocess(env: dict) -> subprocess.CompletedProcess:
+    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout)\n"
+            "import torch\nfrom elasticzo.int8 import native, ops\n"
+            "print('LOADED', native.load() is not None)\n"
+            "a = torch.randint(-127, 128, (5, 7), dtype=torch.int8)\n"
+            "print('EXACT', torch.equal(ops.int8_matmul(a, a.t(), 'native'), (a.long() @ a.long().t()).int()))\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("env", [{"ELASTICZO_NATIVE": "0"}, {"ELASTICZO_CC": "/bin/false"}])
+def test_falls_back_to_the_portable_path_with_one_log_line(env, tmp_path):
+    res = _load_in_subprocess({**env, "ELASTICZO_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "LOADED False" in res.stdout and "EXACT True" in res.stdout  # "native" falls back, still exact
+    assert sum("portable PyTorch path" in line for line in (res.stdout + res.stderr).splitlines()) == 1
