@@ -53,6 +53,7 @@ class TrainConfig:
     # run
     seed: int = 0  # initial weights, batch order and every ZO direction derive from it
     device: str = "auto"  # auto | cpu | cuda
+    threads: int = 1  # torch CPU threads (0: torch's default, one per core); 1 is much faster for these small models (docs/bench/threads.json)
     data_root: str | None = None  # else $ELASTICZO_DATA, else ./data
     download: bool = True  # fetch missing dataset files (checksummed)
     train_limit: int = 0  # use only the first N training examples (0: all)
@@ -72,7 +73,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps", "num_points")
         non_negative = ("bp_layers", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
-                        "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift", "int8_tile")
+                        "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift", "int8_tile", "threads")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")
@@ -116,7 +117,8 @@ class TrainConfig:
 
 
 # Settings that may differ between a run and its resumption without changing the result.
-RESUME_FREE = ("resume", "progress", "data_root", "download", "device", "run_dir", "checkpoint_every", "epochs")
+RESUME_FREE = ("resume", "progress", "data_root", "download", "device", "threads", "run_dir", "checkpoint_every",
+               "epochs")
 
 
 def field_kind(name: str) -> type:

@@ -55,6 +55,13 @@ def test_quick_bench_writes_every_file(quick):
     assert any("INT8" in n for n in results["notes"]) or not int8_unavailable()
 
 
+def test_quick_bench_records_the_cpu_with_its_timings(quick):
+    out, results = quick
+    cpu = results["meta"]["cpu"]
+    assert cpu["model"] and isinstance(cpu["simd"], list) and cpu["cores"] >= 1
+    assert f"Machine: {cpu['model']}" in (out / "results.md").read_text()
+
+
 def test_quick_bench_table_has_every_row_and_finite_numbers(quick):
     out, results = quick
     md = (out / "results.md").read_text()
@@ -216,3 +223,22 @@ def test_cli_choices_match_the_runner():
 def test_cli_bench_reports_bad_settings_without_traceback(capsys):
     assert main(["bench", "--quick", "--set", "epochs=2", "--out", "unused"]) == 2
     assert "--set: epochs" in capsys.readouterr().err
+
+
+def test_bench_into_an_existing_out_says_what_it_reuses_and_keeps_the_earlier_rows(tmp_path, data_root):
+    """A second bench into the same --out: the reused run is named, the earlier rows stay, the paths are printed."""
+    small = dict(out=str(tmp_path), quick=True, precision="fp32", methods=("k1",), train_limit=64, test_limit=32,
+                 epochs=1, timing_steps=2, warmup=1, rounds=1, data_root=str(data_root), download=False, plots=False)
+    run_bench(BenchConfig(**small, datasets=("mnist",)), log=lambda _: None)
+    lines: list[str] = []
+    results = run_bench(BenchConfig(**small, datasets=("mnist", "fashion-mnist")), log=lines.append)
+    assert {(r["dataset"], r["method"]) for r in results["runs"]} == {("mnist", "k1-fp32"), ("fashion-mnist", "k1-fp32")}
+    assert any("reusing the existing run" in line and "mnist-k1-fp32" in line for line in lines)
+    assert any("reused the existing run" in n for n in results["notes"])
+    assert str(tmp_path / "results.json") in lines[-1] and str(tmp_path / "runs") in lines[-1]
+    lines.clear()
+    third = run_bench(BenchConfig(**small, datasets=("fashion-mnist",)), log=lines.append)  # a smaller grid
+    assert {r["dataset"] for r in third["runs"]} == {"mnist", "fashion-mnist"}  # the report did not shrink
+    assert any(n.startswith("Kept from the earlier report") and "mnist ElasticZO k=1" in n for n in third["notes"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 2

@@ -62,3 +62,9 @@ def test_values_starting_with_a_minus_reach_validation(capsys):
     assert main(["train", "--lr-zo", "-1e-3", "--no-download", "--data-root", "/nonexistent"]) == 2
     assert "--lr-zo: must be >= 0, got -0.001" in capsys.readouterr().err
     assert glue_negative_values(["--budget", "-5MiB", "--quick", "-x"]) == ["--budget=-5MiB", "--quick", "-x"]
+
+
+def test_train_has_a_threads_flag():
+    args = build_parser().parse_args(["train", "--threads", "3"])
+    assert args.threads == 3
+    assert "--threads THREADS" in _subparsers()["train"].format_help()

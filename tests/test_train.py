@@ -172,3 +172,19 @@ def test_example_loop_runs(data_root):
     assert done.returncode == 0, done.stderr
     accuracy = float(done.stdout.strip().splitlines()[-1].split("test accuracy")[1].split("%")[0])
     assert accuracy > 50  # 50 steps with 3 BP layers: far above the 10 % of chance
+
+
+@pytest.mark.parametrize("threads", [1, 0])
+def test_training_runs_with_threads_and_gives_the_setting_back(tmp_path, data_root, threads):
+    """Default 1 thread (measured: docs/bench/threads.json); 0 leaves torch's setting; restored after."""
+    assert TrainConfig().threads == 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        train(config(tmp_path, data_root=str(data_root), epochs=1, train_limit=64, threads=threads),
+              log=lambda _: seen.append(torch.get_num_threads()))
+        assert set(seen) == {threads or 2}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

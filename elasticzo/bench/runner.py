@@ -38,6 +38,7 @@ from typing import Any, Callable
 
 import torch
 
+from elasticzo.bench.machine import cpu_info, describe
 from elasticzo.bench.memory import CATEGORIES, measure_step_memory
 from elasticzo.bench.peer import MeZOPeer, PlainBPLoop, forward_loss
 from elasticzo.bench.timing import OTHER, StepTimer
@@ -53,7 +54,7 @@ PRECISION_CHOICES = ("fp32", "int8", "all")
 DATASETS = ("mnist", "fashion-mnist")
 # TrainConfig fields the grid itself sets; --set may change every other one.
 GRID_FIELDS = ("model", "dataset", "method", "bp_layers", "precision", "epochs", "batch_size", "seed", "device",
-               "data_root", "download", "train_limit", "test_limit", "run_dir", "resume", "progress")
+               "data_root", "download", "train_limit", "test_limit", "run_dir", "resume", "progress", "threads")
 PHASE_ORDER = ("forward", "forward_backward", "noise", "perturb", "update", OTHER)
 QUICK = dict(epochs=1, train_limit=1000, test_limit=500, timing_steps=20, warmup=3, rounds=2)
 FULL = dict(epochs=5, train_limit=0, test_limit=0, timing_steps=200, warmup=10, rounds=20)
@@ -135,7 +136,7 @@ class Method:
         return TrainConfig(**{**cfg.overrides, "model": cfg.model, "method": method, "bp_layers": k,
                               "precision": self.precision, "batch_size": cfg.batch_size, "seed": cfg.seed,
                               "device": cfg.device, "data_root": cfg.data_root, "download": cfg.download,
-                              "progress": False, **fields}).validate()
+                              "threads": cfg.threads, "progress": False, **fields}).validate()
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -201,9 +202,13 @@ def train_grid(cfg: BenchConfig, methods: list[Method], notes: list[str], log: C
     for dataset in cfg.datasets:
         for m in methods:
             run_dir = Path(cfg.out) / "runs" / f"{dataset}-{m.key}"
+            reuse = (run_dir / "checkpoint.safetensors").exists()
             tc = m.train_config(cfg, dataset=dataset, epochs=cfg.epochs, train_limit=cfg.train_limit,
-                                test_limit=cfg.test_limit, run_dir=str(run_dir),
-                                resume=(run_dir / "checkpoint.safetensors").exists())
+                                test_limit=cfg.test_limit, run_dir=str(run_dir), resume=reuse)
+            if reuse:
+                log(f"[bench] reusing the existing run {run_dir}: resumed from its checkpoint, not retrained "
+                    "(delete it to train afresh)")
+                notes.append(f"{dataset} {m.label}: reused the existing run {run_dir} (resumed from its checkpoint).")
             log(f"[bench] train {dataset} {m.label} ({cfg.epochs} epochs) -> {run_dir}")
             try:
                 history = train(tc, log=lambda line: log(f"[bench]   {line}"))
@@ -428,6 +433,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         if not cfg.train_grid:
             notes.append("Training grid not run (--measure-only): accuracy rows are absent.")
         meas = measure(cfg, methods, notes, log)
+        runs, meas = merge_previous(out / "results.json", runs, meas, notes, log)
         results = {"meta": meta, "notes": notes, "runs": runs, "measurements": meas,
                    "restore_drift": restore_drift(cfg, cfg.timing_steps), "ratios": compute_ratios(meas, runs)}
         write_results(results, out)
@@ -436,7 +442,37 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             write_results(results, out)  # with the plot note, if any
     finally:
         torch.set_num_threads(threads)
+    log(f"[bench] results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}"
+        + (f"; plots: {', '.join(str(out / p) for p in results.get('plots', []))}" if results.get("plots") else "")
+        + f"; runs: {out / 'runs'}")
     return results
+
+
+def merge_previous(path: Path, runs: list[dict], meas: dict[str, dict], notes: list[str],
+                   log: Callable) -> tuple[list[dict], dict[str, dict]]:
+    """Keep the rows of an earlier report in the same --out that this invocation did not redo.
+
+    A second bench into the same folder (say, one more dataset) must not shrink the report to
+    its own rows; what is kept is named in a note, with the commit and date it came from.
+    """
+    if not path.is_file():
+        return runs, meas
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        notes.append(f"The earlier report {path} could not be read ({err}); it was replaced.")
+        return runs, meas
+    done = {(r["dataset"], r["method"]) for r in runs}
+    kept_runs = [r for r in old.get("runs", []) if (r.get("dataset"), r.get("method")) not in done]
+    kept_meas = {k: v for k, v in old.get("measurements", {}).items() if k not in meas}
+    if kept_runs or kept_meas:
+        meta = old.get("meta", {})
+        names = [f"{r['dataset']} {r.get('label', r['method'])}" for r in kept_runs] + sorted(kept_meas)
+        note = (f"Kept from the earlier report in this folder (commit {(meta.get('git') or {}).get('commit')}, "
+                f"{meta.get('date')}): {', '.join(names)}.")
+        notes.append(note)
+        log(f"[bench] {note}")
+    return runs + kept_runs, {**meas, **kept_meas}
 
 
 def _git_state() -> dict:
@@ -455,7 +491,7 @@ def _meta(cfg: BenchConfig) -> dict:
     return {"command": cfg.command, "git": _git_state(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "torch": torch.__version__,
             "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-            "device": str(resolve_device(cfg.device)), "threads": torch.get_num_threads(),
+            "device": str(resolve_device(cfg.device)), "threads": torch.get_num_threads(), "cpu": cpu_info(),
             "config": dataclasses.asdict(cfg)}
 
 
@@ -577,6 +613,8 @@ def _time_section(results: dict, cfg: dict) -> list[str]:
     rows = [[m["label"], _num(m["median_step_ms"])] + [_num(m["mean_phase_ms"].get(p, 0.0)) for p in PHASE_ORDER]
             for m in meas.values()]
     steps = next(iter(meas.values()))["steps"]
+    cpu = results["meta"].get("cpu")
+    machine = [f"Machine: {describe(cpu)}; {results['meta'].get('threads')} torch thread(s).", ""] if cpu else []
     return ([f"## Time per step (ms; median of {steps} steps after {cfg['warmup']} warm-up, interleaved in "
-             f"{cfg['rounds']} rounds; phases: mean self time)", ""]
+             f"{cfg['rounds']} rounds; phases: mean self time)", ""] + machine
             + _table(["step", "median"] + list(PHASE_ORDER), rows) + [""])

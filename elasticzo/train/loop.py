@@ -14,6 +14,7 @@ bit-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,6 +27,7 @@ from tqdm import tqdm
 from elasticzo.config import RESUME_FREE, TrainConfig
 from elasticzo.data import BatchLoader, is_point_dataset, load_dataset
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from elasticzo.train.health import collapse_warning
 
 CHECK_EVERY = 50  # steps between host syncs (finite-loss check, progress bar, seed-log buffer)
 CHECKPOINT = "checkpoint.safetensors"
@@ -65,8 +67,28 @@ def make_learner(config: TrainConfig, num_classes: int, device: torch.device):
 
 
 def train(config: TrainConfig, log=print) -> list[dict]:
-    """Train as ``config`` says; returns the per-epoch metrics. Raises ValueError for bad settings."""
+    """Train as ``config`` says; returns the per-epoch metrics. Raises ValueError for bad settings.
+
+    Runs with ``config.threads`` torch threads and gives the caller's setting back afterwards.
+    """
     config.validate()
+    with torch_threads(config.threads):
+        return _train(config, log)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch.set_num_threads(threads) for a block (0: leave as is), restored on exit."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: TrainConfig, log) -> list[dict]:
     device = resolve_device(config.device)
     run_dir = Path(config.run_dir or config.default_run_dir())
     data = _load_data(config, device)
@@ -92,6 +114,9 @@ def train(config: TrainConfig, log=print) -> list[dict]:
         log(f"epoch {record['epoch']}/{config.epochs}: test_acc {record['test_acc']:.2f} % | "
             f"train_loss {record['train_loss']:.4f} | {record['epoch_seconds']:.1f} s "
             f"({1e3 * record['step_seconds']:.2f} ms/step)")
+        warning = collapse_warning(config, pos.history, data["num_classes"])
+        if warning:
+            log(warning)
     return pos.history
 
 
