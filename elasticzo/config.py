@@ -62,6 +62,7 @@ class TrainConfig:
     resume: bool = False  # continue the run in run_dir from its last checkpoint
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
     progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (pip install 'elasticzo[tensorboard]')
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad value; returns self for chaining."""
@@ -118,7 +119,7 @@ class TrainConfig:
 
 # Settings that may differ between a run and its resumption without changing the result.
 RESUME_FREE = ("resume", "progress", "data_root", "download", "device", "threads", "run_dir", "checkpoint_every",
-               "epochs")
+               "epochs", "tensorboard")
 
 
 def field_kind(name: str) -> type:

@@ -444,7 +444,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         torch.set_num_threads(threads)
     log(f"[bench] results: {out / 'results.json'}, {out / 'results.csv'}, {out / 'results.md'}"
         + (f"; plots: {', '.join(str(out / p) for p in results.get('plots', []))}" if results.get("plots") else "")
-        + f"; runs: {out / 'runs'}")
+        + (f"; runs: {out / 'runs'}" if cfg.train_grid else ""))
     return results
 
 

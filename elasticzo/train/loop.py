@@ -27,6 +27,7 @@ from tqdm import tqdm
 from elasticzo.config import RESUME_FREE, TrainConfig
 from elasticzo.data import BatchLoader, is_point_dataset, load_dataset
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from elasticzo.train.events import EventLog, summary_writer_class
 from elasticzo.train.health import collapse_warning
 
 CHECK_EVERY = 50  # steps between host syncs (finite-loss check, progress bar, seed-log buffer)
@@ -98,6 +99,8 @@ def _train(config: TrainConfig, log) -> list[dict]:
 
         log(init_from_checkpoint(learner, config, config.init))
     loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed)
+    if config.tensorboard:
+        summary_writer_class()  # fail before the run dir is made, not after
     pos = _start(config, run_dir, learner)
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
         f"bp_layers={getattr(learner, 'bp_layers', '-')} {config.precision} on {device}")
@@ -107,17 +110,29 @@ def _train(config: TrainConfig, log) -> list[dict]:
     if config.init and pos.global_step == 0 and not pos.history:
         record = _initial_record(config, run_dir, learner, data, pos)
         log(f"epoch 0/{config.epochs}: test_acc {record['test_acc']:.2f} % | initial weights from {config.init}")
+    events = EventLog(run_dir, config.tensorboard, pos.global_step)
+    try:
+        if pos.history and pos.global_step == 0:
+            events.epoch(pos.history[0])  # epoch 0 of a fine-tuning run
+        _run_epochs(config, run_dir, learner, loader, data, pos, log, events)
+    finally:
+        events.close()
+    return pos.history
+
+
+def _run_epochs(config, run_dir, learner, loader, data, pos: RunPosition, log, events: EventLog) -> None:
+    """Epochs until ``config.epochs``: train, evaluate, log, check for a collapse."""
     total = config.epochs * len(loader)
     while pos.epoch < config.epochs:
-        _train_epoch(config, run_dir, learner, loader, pos, total)
+        _train_epoch(config, run_dir, learner, loader, pos, total, events)
         record = _end_epoch(config, run_dir, learner, data, pos)
+        events.epoch(record)
         log(f"epoch {record['epoch']}/{config.epochs}: test_acc {record['test_acc']:.2f} % | "
             f"train_loss {record['train_loss']:.4f} | {record['epoch_seconds']:.1f} s "
             f"({1e3 * record['step_seconds']:.2f} ms/step)")
         warning = collapse_warning(config, pos.history, data["num_classes"])
         if warning:
             log(warning)
-    return pos.history
 
 
 def _load_data(config: TrainConfig, device: torch.device) -> dict:
@@ -191,7 +206,7 @@ def _truncate_jsonl(path: Path, keep) -> None:
         path.write_text("".join(ln + "\n" for ln in lines if keep(json.loads(ln))))
 
 
-def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int) -> None:
+def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int, events: EventLog) -> None:
     pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
     bar = tqdm(total=len(loader), initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{config.epochs}",
                disable=not config.progress, leave=False, dynamic_ncols=True)
@@ -205,7 +220,7 @@ def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int)
         pos.step_in_epoch += 1
         checkpoint_due = config.checkpoint_every and pos.global_step % config.checkpoint_every == 0
         if len(pending) >= CHECK_EVERY or pos.step_in_epoch == len(loader) or checkpoint_due:
-            _flush(run_dir, pos, pending, bar)
+            events.steps(_flush(run_dir, pos, pending, bar))
             bar.update(len(pending))
             pending.clear()
             if checkpoint_due and pos.step_in_epoch < len(loader):  # the epoch end saves anyway
@@ -216,8 +231,8 @@ def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int)
     bar.close()
 
 
-def _flush(run_dir: Path, pos: RunPosition, pending: list, bar) -> None:
-    """One host sync for many steps: check losses are finite, append to the seed log."""
+def _flush(run_dir: Path, pos: RunPosition, pending: list, bar) -> list[tuple[int, float]]:
+    """One host sync for many steps: check losses are finite, append to the seed log; (step, loss) pairs."""
     losses = torch.stack([p[1] for p in pending]).double().tolist()
     bad = next((step for (step, _, _), v in zip(pending, losses) if not math.isfinite(v)), None)
     if bad is not None:
@@ -231,6 +246,7 @@ def _flush(run_dir: Path, pos: RunPosition, pending: list, bar) -> None:
                                 "g": None if g is None else g.double().tolist()}) + "\n")
             pos.loss_sum += loss
     bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return [(step, loss) for (step, _, _), loss in zip(pending, losses)]
 
 
 def _end_epoch(config, run_dir, learner, data, pos: RunPosition) -> dict:
