@@ -77,7 +77,7 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
                    "20 timed steps (each size flag below overrides it)")
     p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=("mnist", "fashion-mnist"),
                    help="datasets of the grid")
-    methods = ("bp", "zo", "k1", "k2", "k3")  # bench.runner.METHODS (a test keeps them equal)
+    methods = ("bp", "zo", "k1", "k2", "k3")  # bench.runner.GRID_METHODS (a test keeps them equal)
     p.add_argument("--methods", nargs="+", default=list(methods), choices=methods,
                    help="bp: all layers BP; zo: vanilla ZO; kK: ElasticZO with the last K layers in BP")
     p.add_argument("--precision", default="all", choices=("fp32", "int8", "all"),

@@ -15,13 +15,13 @@ import torch.nn.functional as F
 
 from elasticzo.bench.peer import MeZOPeer, PlainBPLoop, forward_loss
 from elasticzo.bench.plan import measure_splits
-from elasticzo.bench.runner import (METHODS, BenchConfig, Method, compute_ratios, grid_methods, int8_unavailable,
+from elasticzo.bench.runner import (GRID_METHODS, BenchConfig, Method, compute_ratios, grid_methods,
                                     parse_overrides, run_bench, time_interleaved)
 from elasticzo.cli import build_parser, main
 from elasticzo.config import TrainConfig
 from elasticzo.models import LeNet5, build_model
 from elasticzo.optim.elastic import ElasticZO
-from elasticzo.train.learner import FloatLearner, seeded
+from elasticzo.train.learner import Learner, seeded
 
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 FP32_LABELS = ["BP", "ZO", "ElasticZO k=1", "ElasticZO k=2", "ElasticZO k=3"]
@@ -52,7 +52,7 @@ def test_quick_bench_writes_every_file(quick):
         for fig in ("accuracy_vs_epoch", "accuracy_vs_memory", "time_per_phase"):
             assert (out / f"{fig}.png").stat().st_size > 0 and (out / f"{fig}.svg").stat().st_size > 0
     assert results["meta"]["command"].startswith("elasticzo bench --quick")
-    assert any("INT8" in n for n in results["notes"]) or not int8_unavailable()
+    assert not [n for n in results["notes"] if "INT8" in n]  # no INT8 row failed or was left out
 
 
 def test_quick_bench_records_the_cpu_with_its_timings(quick):
@@ -139,7 +139,7 @@ def test_mezo_peer_applies_the_mezo_update_rule():
 
 def test_our_bp_mode_equals_the_plain_pytorch_loop_bit_for_bit():
     x, y = torch.randn(16, 1, 28, 28), torch.arange(16) % 10
-    ours = FloatLearner(TrainConfig(method="bp", lr_bp=0.02, momentum=0.9), 10, torch.device("cpu"))
+    ours = Learner(TrainConfig(method="bp", lr_bp=0.02, momentum=0.9), 10, torch.device("cpu"))
     with seeded(0):
         model = build_model("lenet5", 10)
     plain = PlainBPLoop(model, lr=0.02, momentum=0.9)
@@ -178,18 +178,12 @@ def test_ratios_from_measurements():
     assert r["mnist_k1-fp32_acc_gain"]["value"] == 6.0
 
 
-def test_int8_rows_follow_the_learner():
-    notes: list[str] = []
-    methods = grid_methods(BenchConfig(precision="all").resolved(), notes)
-    if int8_unavailable():
-        assert all(m.precision == "fp32" for m in methods) and "INT8 rows skipped" in notes[0]
-        with pytest.raises(ValueError, match="int8"):
-            grid_methods(BenchConfig(precision="int8").resolved(), [])
-    else:
-        assert {m.precision for m in methods} == {"fp32", "int8"} and not notes
+def test_grid_has_a_row_per_method_and_precision():
+    methods = grid_methods(BenchConfig(precision="all", methods=("zo", "k2")).resolved())
+    assert [m.key for m in methods] == ["zo-fp32", "k2-fp32", "zo-int8", "k2-int8"]
+    assert [m.key for m in grid_methods(BenchConfig(precision="int8", methods=("bp",)).resolved())] == ["bp-int8"]
 
 
-@pytest.mark.skipif(int8_unavailable() is not None, reason="the INT8 learner is not there yet")
 def test_int8_measurements_when_the_learner_exists(tmp_path, data_root):
     results = run_bench(BenchConfig(out=str(tmp_path), quick=True, precision="all", methods=("zo", "k1"),
                                     datasets=("mnist",), train_grid=False, timing_steps=3, warmup=1, rounds=1,
@@ -217,7 +211,7 @@ def test_bench_settings_are_checked():
 def test_cli_choices_match_the_runner():
     bench = build_parser()._subparsers._group_actions[0].choices["bench"]
     flags = {a.dest: a for a in bench._actions}
-    assert tuple(flags["methods"].choices) == tuple(METHODS) and tuple(flags["methods"].default) == tuple(METHODS)
+    assert tuple(flags["methods"].choices) == tuple(GRID_METHODS) and tuple(flags["methods"].default) == tuple(GRID_METHODS)
 
 
 def test_cli_bench_reports_bad_settings_without_traceback(capsys):

@@ -10,10 +10,9 @@ import torch
 from elasticzo.config import TrainConfig
 from elasticzo.data import load_dataset
 from elasticzo.int8 import quantize
-from elasticzo.int8.learner import IntLearner
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint
 from elasticzo.train.finetune import init_from_checkpoint
-from elasticzo.train.learner import FloatLearner
+from elasticzo.train.learner import Learner
 from elasticzo.train.loop import CHECKPOINT, evaluate, train
 
 TINY = dict(train_limit=64, test_limit=32, batch_size=32, epochs=1, progress=False)
@@ -41,7 +40,7 @@ def model_tensors(path):
 
 
 def test_same_class_count_copies_every_weight(checkpoints):
-    learner = FloatLearner(TrainConfig(), 5, CPU)
+    learner = Learner(TrainConfig(), 5, CPU)
     message = init_from_checkpoint(learner, TrainConfig(), checkpoints["lenet5"])
     assert "kept the checkpoint's head" in message
     saved = model_tensors(checkpoints["lenet5"])
@@ -50,8 +49,8 @@ def test_same_class_count_copies_every_weight(checkpoints):
 
 
 def test_another_class_count_gets_a_new_seeded_head(checkpoints):
-    fresh = FloatLearner(TrainConfig(seed=3), 10, CPU).model.state_dict()
-    learner = FloatLearner(TrainConfig(seed=3), 10, CPU)
+    fresh = Learner(TrainConfig(seed=3), 10, CPU).model.state_dict()
+    learner = Learner(TrainConfig(seed=3), 10, CPU)
     assert "new head" in init_from_checkpoint(learner, TrainConfig(), checkpoints["lenet5"])
     saved, state = model_tensors(checkpoints["lenet5"]), learner.model.state_dict()
     head = {"11.weight", "11.bias"}  # LeNet5's last Linear
@@ -62,7 +61,7 @@ def test_another_class_count_gets_a_new_seeded_head(checkpoints):
 @pytest.mark.parametrize("case", ["other model", "other width", "int8 into float", "no file"])
 def test_a_checkpoint_that_does_not_fit_raises_checkpoint_error(checkpoints, tmp_path, case):
     model = "mlp" if case == "other width" else "lenet5"
-    learner = FloatLearner(TrainConfig(model=model), 5, CPU)
+    learner = Learner(TrainConfig(model=model), 5, CPU)
     if case == "other width":
         learner.model[1] = torch.nn.Linear(784, 200)  # the checkpoint's layer is 784 -> 256
     path = {"other model": checkpoints["mlp"], "other width": checkpoints["mlp"], "int8 into float": checkpoints["int8"],
@@ -74,23 +73,22 @@ def test_a_checkpoint_that_does_not_fit_raises_checkpoint_error(checkpoints, tmp
 
 
 def test_int8_from_an_int8_checkpoint_copies_values_and_exponents(checkpoints):
-    _, meta = load_checkpoint(checkpoints["int8"])
     saved = model_tensors(checkpoints["int8"])
-    learner = IntLearner(TrainConfig(precision="int8"), 10, CPU)
+    learner = Learner(TrainConfig(precision="int8"), 10, CPU)
     assert "new head" in init_from_checkpoint(learner, TrainConfig(precision="int8"), checkpoints["int8"])
-    layers = learner.net.weight_layers()
-    assert all(torch.equal(layer.weight, saved[f"{i}.weight"]) for i, layer in enumerate(layers[:-1]))
-    assert [layer.weight_exponent for layer in layers[:-1]] == meta["learner"]["weight_exponents"][:-1]
+    layers, keys = learner.model.weight_layers(), ["0", "3", "7", "9", "11"]
+    assert all(torch.equal(layer.weight, saved[f"{k}.weight"]) for k, layer in zip(keys, layers[:-1]))
+    assert [layer.weight_exponent for layer in layers[:-1]] == [int(saved[f"{k}.exponent"]) for k in keys[:-1]]
     assert layers[-1].weight.shape == (10, 84)
 
 
 def test_int8_from_a_float_checkpoint_converts_once_and_drops_biases(checkpoints):
-    learner = IntLearner(TrainConfig(precision="int8"), 5, CPU)
+    learner = Learner(TrainConfig(precision="int8"), 5, CPU)
     with pytest.warns(UserWarning, match="biases were dropped"):
         message = init_from_checkpoint(learner, TrainConfig(precision="int8"), checkpoints["lenet5"])
     assert "kept" in message
     saved = model_tensors(checkpoints["lenet5"])
-    for layer, key in zip(learner.net.weight_layers(), ["0", "3", "7", "9", "11"]):
+    for layer, key in zip(learner.model.weight_layers(), ["0", "3", "7", "9", "11"]):
         q = quantize(saved[f"{key}.weight"])
         assert torch.equal(layer.weight, q.values) and layer.weight_exponent == q.exponent
 
@@ -115,7 +113,7 @@ def test_epoch_0_is_the_accuracy_of_the_checkpoint_on_the_new_task(checkpoints, 
     cfg = TrainConfig(**TINY, data_root=str(data_root), classes="5-9", init=checkpoints["lenet5"], method="bp",
                       run_dir=str(tmp_path / "ft"))
     history = train(cfg, log=lambda *_: None)
-    learner = FloatLearner(cfg, 5, CPU)
+    learner = Learner(cfg, 5, CPU)
     init_from_checkpoint(learner, cfg, cfg.init)
     test = load_dataset("mnist", data_root, "test", limit=32, classes="5-9")
     assert history[0] == {"epoch": 0, "test_acc": evaluate(learner, test.x, test.y), "steps": 0, "init": cfg.init}

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from elasticzo.bench.memory import (CATEGORIES, MemoryReport, memory_tag, measure_step_memory,
+from elasticzo.instrument import memory_tag
+from elasticzo.bench.memory import (CATEGORIES, MemoryReport, measure_step_memory,
                                     track_memory)
 
 

@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from elasticzo.bench.plan import UNITS, largest_fitting, measure_splits, parse_size
-from elasticzo.bench.runner import int8_unavailable
 from elasticzo.cli import main
 
 BATCH = 4  # small batch: the whole table is measured in a second or two
@@ -81,10 +80,7 @@ def test_cli_plan_bad_budget_and_settings(capsys):
     assert "--set: bp_layers" in capsys.readouterr().err
 
 
-def test_int8_plan(capsys):
-    if int8_unavailable():
-        assert main(["plan", "--precision", "int8", "--batch-size", str(BATCH)]) == 2
-        assert "int8" in capsys.readouterr().err
-    else:
-        rows = measure_splits("mlp", batch_size=BATCH, precision="int8")
-        assert [r.k for r in rows] == list(range(4)) and all(r.peak_bytes > 0 for r in rows)
+def test_int8_plan():
+    rows = measure_splits("mlp", batch_size=BATCH, precision="int8")
+    assert [r.k for r in rows] == list(range(4)) and all(r.peak_bytes > 0 for r in rows)
+    assert [len(r.bp_layers) for r in rows] == [0, 1, 2, 3]  # the named BP layers follow k

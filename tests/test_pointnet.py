@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from elasticzo.int8 import IntGlobalMaxPool, IntLinear, IntReLU, QTensor, convert, dequantize, quantize, requantize_int32
 from elasticzo.int8.audit import DtypeAudit
-from elasticzo.int8.convert import int8_pointnet
 from elasticzo.int8.elastic import IntElasticZO
-from elasticzo.int8.learner import POINT_EXPONENT, quantize_input, quantize_points
+from elasticzo.int8.loss import loss_closure
+from elasticzo.int8.inputs import POINT_EXPONENT, quantize_input, quantize_points
 from elasticzo.models import GlobalMaxPool, PointNet, build_model, parametrised_layers, split_layers
 from elasticzo.optim import ElasticZO
 
@@ -140,8 +140,8 @@ def test_convert_pointnet_and_int8_init_have_the_same_structure():
     logits = dequantize(net.forward(QTensor(quantize_points(x), POINT_EXPONENT), store=False))
     ref = model(x).double()
     assert torch.corrcoef(torch.stack([logits.flatten(), ref.flatten()]))[0, 1] > 0.95  # 7-bit activations
-    scratch = int8_pointnet(torch.Generator().manual_seed(0), num_classes=7)
-    assert [type(m).__name__ for m in scratch] == [type(m).__name__ for m in convert(PointNet(7, bias=False))]
+    scratch = convert(PointNet(7), init=torch.Generator().manual_seed(0))  # zero biases: ignored
+    assert [type(m).__name__ for m in scratch] == [type(m).__name__ for m in net]
     assert scratch.forward(QTensor(quantize_points(x), POINT_EXPONENT), store=False).shape == (16, 7)
 
 
@@ -157,16 +157,14 @@ def test_points_are_quantised_once_to_a_fixed_exponent():
 
 @pytest.mark.parametrize("bp_layers", [0, 2, 3, 5])
 def test_a_pointnet_int8_training_step_is_integer_only(bp_layers):
-    net = int8_pointnet(torch.Generator().manual_seed(0))
-    for layer in net.weight_layers():
-        layer.tile = 4  # the tiled per-point accumulators as in training
+    net = convert(PointNet(), init=torch.Generator().manual_seed(0), tile=4)  # tiled accumulators, as in training
     points = quantize_points(clouds(b=8, n=64))  # the one float step, at load time
     y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
     before = [layer.weight.clone() for layer in net.weight_layers()]
-    opt = IntElasticZO(net, bp_layers, seed=3)
+    opt = IntElasticZO.for_model(net, bp_layers, seed=3)
     with DtypeAudit() as rec:
         for _ in range(2):  # the second step also exercises the running |d| scale
-            opt.step(quantize_input(points), y)
+            opt.step(loss_closure(net, points, y))
     assert rec.count > 100 and rec.float_ops == []
     assert all(layer.weight.dtype == torch.int8 for layer in net.weight_layers())
     assert any(not torch.equal(a, layer.weight) for a, layer in zip(before, net.weight_layers()))

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elasticzo.bench.timing import OTHER, StepTimer, TimingReport, phase, time_steps
+from elasticzo.bench.timing import OTHER, StepTimer, TimingReport, time_steps
+from elasticzo.instrument import phase
 
 
 def fake_clock(*readings: float):

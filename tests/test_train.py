@@ -60,7 +60,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, data_root, monkeypatch,
     full = train(config(tmp_path, "full", **kw), log=lambda *_: None)
 
     from elasticzo.train import learner as learner_module
-    original = learner_module.FloatLearner.train_step
+    original = learner_module.Learner.train_step
     calls = {"n": 0}
 
     def dying_step(self, x, y):  # fault injection: the process "dies" before step kill_at
@@ -69,10 +69,10 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, data_root, monkeypatch,
         calls["n"] += 1
         return original(self, x, y)
 
-    monkeypatch.setattr(learner_module.FloatLearner, "train_step", dying_step)
+    monkeypatch.setattr(learner_module.Learner, "train_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path, "cut", **kw), log=lambda *_: None)
-    monkeypatch.setattr(learner_module.FloatLearner, "train_step", original)
+    monkeypatch.setattr(learner_module.Learner, "train_step", original)
     resumed = train(config(tmp_path, "cut", resume=True, **kw), log=lambda *_: None)
 
     assert without_times(resumed) == without_times(full)
@@ -111,7 +111,7 @@ def test_corrupt_checkpoint_gives_a_clear_error(tmp_path, data_root, damage):
 
 def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch):
     from elasticzo.train import learner as learner_module
-    original = learner_module.FloatLearner.train_step
+    original = learner_module.Learner.train_step
     calls = {"n": 0}
 
     def poisoned_step(self, x, y):  # fault injection: the loss turns NaN at step 10
@@ -119,7 +119,7 @@ def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_
         loss = original(self, x, y)
         return loss * float("nan") if calls["n"] > 10 else loss
 
-    monkeypatch.setattr(learner_module.FloatLearner, "train_step", poisoned_step)
+    monkeypatch.setattr(learner_module.Learner, "train_step", poisoned_step)
     with pytest.raises(TrainingDiverged, match="non-finite loss at step 10.*last good checkpoint"):
         train(config(tmp_path, data_root=str(data_root), epochs=2), log=lambda *_: None)
     tensors, meta = load_checkpoint(tmp_path / "run" / CHECKPOINT)
@@ -148,13 +148,13 @@ def test_cli_end_to_end_and_bad_values(tmp_path, data_root):
 
 def test_seed_log_replays_the_zo_weights_bit_for_bit(tmp_path, data_root):
     """Vanilla ZO: initial weights + seeds.jsonl rebuild the trained weights exactly."""
-    from elasticzo.train.learner import FloatLearner, schedule_factor
+    from elasticzo.train.learner import Learner, schedule_factor
     from elasticzo.zo.replay import replay_zo
 
     cfg = config(tmp_path, data_root=str(data_root), epochs=2, method="zo", normalize=True, zo_weight_decay=0.01)
     train(cfg, log=lambda *_: None)
     records = [json.loads(line) for line in (tmp_path / "run" / "seeds.jsonl").read_text().splitlines()]
-    fresh = FloatLearner(cfg, 10, torch.device("cpu"))
+    fresh = Learner(cfg, 10, torch.device("cpu"))
     lrs = [cfg.zo_learning_rate() * schedule_factor(cfg.schedule, r["step"] / len(records)) for r in records]
     replay_zo(fresh.optimizer, records, lrs)
     trained = weights(tmp_path / "run")

@@ -11,7 +11,7 @@ import elasticzo
 from elasticzo.cli import main
 from elasticzo.config import TrainConfig
 from elasticzo.data import load_dataset
-from elasticzo.int8.learner import quantize_input
+from elasticzo.int8 import quantize_input
 from elasticzo.train.loop import CHECKPOINT, train
 from elasticzo.train.replay import replay_run
 

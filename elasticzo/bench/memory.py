@@ -42,7 +42,6 @@ import gc
 import threading
 import weakref
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -51,50 +50,12 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from elasticzo.instrument import ACTIVE_TRACKERS as _active
+from elasticzo.instrument import current_tag
+
 PERSISTENT = ("parameters", "gradients", "optimizer_state", "inputs")
 TRANSIENT = ("zo_noise", "saved_for_backward", "workspace")
 CATEGORIES = PERSISTENT + TRANSIENT
-
-# ---------------------------------------------------------------------------------------------
-# memory_tag: imported by library code, so it must be cheap when nothing is being measured.
-
-_tag: ContextVar[str | None] = ContextVar("elasticzo_memory_tag", default=None)
-_active: list["MemoryTracker"] = []  # trackers inside their `with`, innermost last
-
-
-class _NoTag:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-class _Tag:
-    __slots__ = ("name", "token")
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __enter__(self) -> None:
-        self.token = _tag.set(self.name)
-
-    def __exit__(self, *exc) -> None:
-        _tag.reset(self.token)
-
-
-_NO_TAG = _NoTag()
-
-
-def memory_tag(name: str) -> _Tag | _NoTag:
-    """Attribute tensors allocated inside the block to category ``name`` (e.g. ``"zo_noise"``).
-
-    Only takes effect while a tracker is active, and only in the current thread / context.
-    """
-    return _Tag(name) if _active else _NO_TAG
-
 
 # ---------------------------------------------------------------------------------------------
 # Report
@@ -325,7 +286,7 @@ class MemoryTracker:
                 input_keys = {st._cdata for a in _tensors((args, kwargs)) if (st := _storage(a)) is not None}
             if s._cdata in input_keys and func not in _FRESH_INPUT_OPS:
                 continue  # a view of / in-place op on an unregistered tensor that existed before
-            self._add(s, _tag.get() or "workspace")
+            self._add(s, current_tag() or "workspace")
             self.allocations += 1
 
     def _on_saved(self, t: torch.Tensor) -> None:

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elasticzo.bench.timing import phase
+from elasticzo.instrument import phase
 
 MEZO_SEED_RANGE = 1_000_000_000  # the reference draws np.random.randint(1000000000) per step
 

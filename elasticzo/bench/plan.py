@@ -82,7 +82,7 @@ def random_batch(batch_size: int, precision: str, num_classes: int, seed: int = 
     uint8 for int8) or, for ``pointnet``, clouds [B, num_points, 3] (int8 for int8, quantised once)."""
     gen = torch.Generator().manual_seed(seed)
     if model == "pointnet":
-        from elasticzo.int8.learner import quantize_points
+        from elasticzo.int8.inputs import quantize_points
 
         points = torch.rand(batch_size, num_points, 3, generator=gen) * 2 - 1
         labels = torch.randint(0, num_classes, (batch_size,), generator=gen)
@@ -95,20 +95,12 @@ def random_batch(batch_size: int, precision: str, num_classes: int, seed: int = 
 
 
 def _memory_targets(learner) -> dict:
-    model, opt = getattr(learner, "model", None), getattr(learner, "optimizer", None)
-    if isinstance(model, torch.nn.Module):
-        return dict(params=model, optimizer=opt if isinstance(opt, torch.optim.Optimizer) else None)
-    return dict(params=list(learner.state_tensors().values()))
+    return dict(params=learner.model, optimizer=learner.optimizer)
 
 
 def measure_splits(model: str = "lenet5", batch_size: int = 64, precision: str = "fp32", *, num_classes: int = 10,
                    device: str = "cpu", seed: int = 0, **settings) -> list[SplitMemory]:
     """Peak memory of one training step for every split k = 0 .. n; ``settings`` go to TrainConfig."""
-    if precision == "int8":
-        from elasticzo.bench.runner import int8_unavailable
-
-        if why := int8_unavailable():
-            raise ValueError(f"--precision int8: {why}")
     with seeded(seed):
         layers = parametrised_layers(build_model(model, num_classes))
     dev = resolve_device(device)

@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-from elasticzo.bench.runner import PHASE_ORDER
+from elasticzo.bench.timing import PHASE_ORDER
 
 FORMATS = ("png", "svg")
-CURVE = ("zo", "k1", "k2", "k3", "bp")  # keys of runner.METHODS, in order along the trade-off
+CURVE = ("zo", "k1", "k2", "k3", "bp")  # keys of runner.GRID_METHODS, in order along the trade-off
 
 
 def _pyplot():

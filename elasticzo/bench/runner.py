@@ -41,7 +41,7 @@ import torch
 from elasticzo.bench.machine import cpu_info, describe
 from elasticzo.bench.memory import CATEGORIES, measure_step_memory
 from elasticzo.bench.peer import MeZOPeer, PlainBPLoop, forward_loss
-from elasticzo.bench.timing import OTHER, StepTimer
+from elasticzo.bench.timing import PHASE_ORDER, StepTimer
 from elasticzo.config import TrainConfig, field_kind
 from elasticzo.data import get_spec, load_split
 from elasticzo.models import build_model
@@ -49,13 +49,12 @@ from elasticzo.optim.elastic import ElasticZO
 from elasticzo.train.learner import seeded
 from elasticzo.train.loop import TrainingDiverged, make_learner, resolve_device, train
 
-METHODS = {"bp": ("bp", 0), "zo": ("zo", 0), "k1": ("elasticzo", 1), "k2": ("elasticzo", 2), "k3": ("elasticzo", 3)}
+GRID_METHODS = {"bp": ("bp", 0), "zo": ("zo", 0), "k1": ("elasticzo", 1), "k2": ("elasticzo", 2), "k3": ("elasticzo", 3)}
 PRECISION_CHOICES = ("fp32", "int8", "all")
-DATASETS = ("mnist", "fashion-mnist")
+GRID_DATASETS = ("mnist", "fashion-mnist")
 # TrainConfig fields the grid itself sets; --set may change every other one.
 GRID_FIELDS = ("model", "dataset", "method", "bp_layers", "precision", "epochs", "batch_size", "seed", "device",
                "data_root", "download", "train_limit", "test_limit", "run_dir", "resume", "progress", "threads")
-PHASE_ORDER = ("forward", "forward_backward", "noise", "perturb", "update", OTHER)
 QUICK = dict(epochs=1, train_limit=1000, test_limit=500, timing_steps=20, warmup=3, rounds=2)
 FULL = dict(epochs=5, train_limit=0, test_limit=0, timing_steps=200, warmup=10, rounds=20)
 
@@ -63,8 +62,8 @@ FULL = dict(epochs=5, train_limit=0, test_limit=0, timing_steps=200, warmup=10, 
 @dataclass
 class BenchConfig:
     out: str = "bench-results"  # folder for results.json/csv/md, plots and runs/
-    datasets: tuple[str, ...] = DATASETS
-    methods: tuple[str, ...] = tuple(METHODS)  # bp, zo, k1, k2, k3
+    datasets: tuple[str, ...] = GRID_DATASETS
+    methods: tuple[str, ...] = tuple(GRID_METHODS)  # bp, zo, k1, k2, k3
     precision: str = "all"  # fp32 | int8 | all (int8 rows only when the INT8 learner exists)
     model: str = "lenet5"
     batch_size: int = 64
@@ -94,12 +93,12 @@ class BenchConfig:
         return cfg
 
     def _check(self) -> None:
-        bad = [d for d in self.datasets if d not in DATASETS]
+        bad = [d for d in self.datasets if d not in GRID_DATASETS]
         if bad or not self.datasets:
-            raise ValueError(f"--datasets: {bad or 'none given'}; choose from {', '.join(DATASETS)}")
-        bad = [m for m in self.methods if m not in METHODS]
+            raise ValueError(f"--datasets: {bad or 'none given'}; choose from {', '.join(GRID_DATASETS)}")
+        bad = [m for m in self.methods if m not in GRID_METHODS]
         if bad or not self.methods:
-            raise ValueError(f"--methods: {bad or 'none given'}; choose from {', '.join(METHODS)}")
+            raise ValueError(f"--methods: {bad or 'none given'}; choose from {', '.join(GRID_METHODS)}")
         if self.precision not in PRECISION_CHOICES:
             raise ValueError(f"--precision: {self.precision!r} is not one of {', '.join(PRECISION_CHOICES)}")
         for name in ("epochs", "batch_size", "timing_steps", "rounds"):
@@ -117,7 +116,7 @@ class BenchConfig:
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the grid: a method name of ``METHODS`` in one precision."""
+    """One row of the grid: a method name of ``GRID_METHODS`` in one precision."""
 
     name: str
     precision: str
@@ -132,7 +131,7 @@ class Method:
         return base if self.precision == "fp32" else f"INT8 {base}"
 
     def train_config(self, cfg: BenchConfig, **fields) -> TrainConfig:
-        method, k = METHODS[self.name]
+        method, k = GRID_METHODS[self.name]
         return TrainConfig(**{**cfg.overrides, "model": cfg.model, "method": method, "bp_layers": k,
                               "precision": self.precision, "batch_size": cfg.batch_size, "seed": cfg.seed,
                               "device": cfg.device, "data_root": cfg.data_root, "download": cfg.download,
@@ -174,22 +173,9 @@ def bench_config_from_args(args, argv: list[str] | None = None) -> BenchConfig:
         overrides=parse_overrides(args.overrides), plots=args.plots, command=shlex.join(["elasticzo", *argv]))
 
 
-def int8_unavailable() -> str | None:
-    """None when the INT8 learner can be imported, else why it cannot."""
-    try:
-        from elasticzo.int8.learner import IntLearner  # noqa: F401
-    except ImportError as err:
-        return f"elasticzo.int8.learner is not available ({err})"
-    return None
-
-
-def grid_methods(cfg: BenchConfig, notes: list[str]) -> list[Method]:
+def grid_methods(cfg: BenchConfig) -> list[Method]:
+    """Every method of the grid in every precision asked for (fp32 rows first)."""
     precisions = ["fp32", "int8"] if cfg.precision == "all" else [cfg.precision]
-    if "int8" in precisions and (why := int8_unavailable()):
-        precisions.remove("int8")
-        notes.append(f"INT8 rows skipped: {why}.")
-        if not precisions:
-            raise ValueError(f"--precision int8: {why}; nothing to run")
     return [Method(name, p) for p in precisions for name in cfg.methods]
 
 
@@ -261,11 +247,7 @@ def _ours(cfg: BenchConfig, m: Method, batch: dict, device: torch.device) -> Can
     tc = m.train_config(cfg, dataset=cfg.datasets[0])
     learner = make_learner(tc, get_spec(tc.dataset).num_classes, device)
     x, y = batch[m.precision], batch["y"]
-    model, opt = getattr(learner, "model", None), getattr(learner, "optimizer", None)
-    if isinstance(model, torch.nn.Module):
-        targets = dict(params=model, optimizer=opt if isinstance(opt, torch.optim.Optimizer) else None)
-    else:  # any learner the loop can checkpoint: its tensors are its weights and state
-        targets = dict(params=list(learner.state_tensors().values()))
+    targets = dict(params=learner.model, optimizer=learner.optimizer)
     return Candidate(m.key, m.label, lambda: learner.train_step(x, y), {**targets, "inputs": (x, y)}, m.precision)
 
 
@@ -387,7 +369,7 @@ def compute_ratios(meas: dict[str, dict], runs: list[dict]) -> list[dict]:
     if "bp-fp32" in meas:
         v = ms("bp-fp32") / ms("plain_bp")
         out.append(_entry("bp_over_plain", "our BP step / plain PyTorch loop step (time)", v, "<= 1.05", v <= 1.05))
-    for name in METHODS:
+    for name in GRID_METHODS:
         if f"{name}-fp32" in meas and f"{name}-int8" in meas:
             label = meas[f"{name}-fp32"]["label"]
             out.append(_entry(f"{name}_int8_memory_gain", f"{label}: FP32 peak / INT8 peak",
@@ -426,7 +408,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     try:
         notes: list[str] = []
         meta = _meta(cfg)  # the commit of the code this process runs, taken before the long work
-        methods = grid_methods(cfg, notes)
+        methods = grid_methods(cfg)
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         runs = train_grid(cfg, methods, notes, log) if cfg.train_grid else []

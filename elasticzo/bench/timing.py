@@ -1,6 +1,6 @@
 """Per-step wall time, split into the phases library code marks with ``phase(name)``.
 
-Library code wraps its parts (``"forward"``, ``"noise"``, ``"backward"``, ``"update"``) in
+Library code (through ``elasticzo.instrument``) wraps its parts (``"forward"``, ``"noise"``, ``"backward"``, ``"update"``) in
 ``with phase(name):``; outside a timed step that is one ContextVar read. A ``StepTimer`` opens a
 step with ``with timer.step():`` and collects, per step, the wall time of the whole step and of
 each phase.
@@ -24,45 +24,14 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-_timer: ContextVar["StepTimer | None"] = ContextVar("elasticzo_step_timer", default=None)
+from elasticzo.instrument import ACTIVE_TIMER
 
 OTHER = "other"  # step time outside every phase
-
-
-class _NoPhase:
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-class _Phase:
-    __slots__ = ("timer", "name")
-
-    def __init__(self, timer: "StepTimer", name: str):
-        self.timer, self.name = timer, name
-
-    def __enter__(self) -> None:
-        self.timer._enter(self.name)
-
-    def __exit__(self, *exc) -> None:
-        self.timer._exit(self.name)
-
-
-_NO_PHASE = _NoPhase()
-
-
-def phase(name: str) -> _Phase | _NoPhase:
-    """Charge the wall time of the block to phase ``name`` of the step being timed, if any."""
-    timer = _timer.get()
-    return _NO_PHASE if timer is None else _Phase(timer, name)
+# The phases the library marks, in the order reports and plots list them.
+PHASE_ORDER = ("forward", "forward_backward", "noise", "perturb", "update", OTHER)
 
 
 @dataclass(frozen=True)
@@ -137,11 +106,11 @@ class StepTimer:
             raise RuntimeError("StepTimer.step() blocks do not nest")
         self._stack, self._phase_s, self._counts = [], {}, {}
         start = self._mark = self._now()
-        token = _timer.set(self)
+        token = ACTIVE_TIMER.set(self)
         try:
             yield self
         finally:
-            _timer.reset(token)
+            ACTIVE_TIMER.reset(token)
             end = self._now()
             self._charge(end)  # phases left open by an exception end with the step
             self.records.append(StepRecord(end - start, self._phase_s, self._counts))

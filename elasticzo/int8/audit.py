@@ -1,7 +1,7 @@
 """Prove integer-only training: record the dtypes of every aten op that runs in a block.
 
     with DtypeAudit() as audit:
-        optimizer.step(quantize_pixels(x), y)
+        optimizer.step(loss_closure(net, pixels, y))
     assert audit.float_ops == []     # names of the ops that touched a floating dtype
 
 A ``TorchDispatchMode`` sees every aten op below Python, including those that library code

@@ -1,16 +1,24 @@
-"""Entry points into the integer engine: convert a float model, or build one from integers.
+"""The one entry point into the integer engine: ``convert(model)``, float model -> integer model.
 
-``convert(model)`` maps a float ``nn.Sequential`` of Conv2d / Linear / ReLU / MaxPool2d /
-Flatten / GlobalMaxPool (LeNet-5, MLP, PointNet) to an ``IntSequential``; every weight gets its own power-of-two
-exponent (``quantize``). NITI layers have no bias, so biases are handled explicitly:
+``convert`` maps a float ``nn.Sequential`` of Conv2d / Linear / ReLU / MaxPool2d / Flatten /
+GlobalMaxPool (LeNet-5, MLP, PointNet: the models of ``elasticzo.models``, nothing redefined)
+to an ``IntSequential``, an ``nn.Module`` whose int8 weights and exponents are buffers. The
+architecture is defined once, in float; there are no hand-written integer twins.
+
+The weights come from one of two places:
+
+* by default, the float weights, each quantised with its own power-of-two exponent
+  (``quantize``): a trained float model continues in integers;
+* with ``init=generator``, a fresh integer He-uniform init in units of 2**-7 (``init_bound``),
+  drawn layer by layer from the generator, in integer arithmetic: NITI trains from scratch
+  this way, with no float weights and no global RNG.
+
+NITI layers have no bias, so biases are handled explicitly when the float weights are kept:
 
 * an all-zero bias (or ``bias=None``) is dropped silently: nothing changes;
 * a nonzero bias raises ``ValueError`` unless ``drop_bias=True``, which drops it with a
   warning (fine-tuning then starts from a slightly different function; the first steps
   usually absorb it). Silently changing the function would be the worse default.
-
-``int8_lenet5`` / ``int8_mlp`` / ``int8_pointnet`` build the same architectures directly in int8 (NITI trains from
-scratch this way), with randomness from the generator passed in: no float model, no global RNG.
 """
 from __future__ import annotations
 
@@ -32,14 +40,36 @@ from elasticzo.int8.layers import (
     IntSequential,
 )
 from elasticzo.int8.rounding import INT8_MAX
-from elasticzo.models.pointnet import HEAD_WIDTHS, POINT_WIDTHS, GlobalMaxPool
+from elasticzo.models.pointnet import GlobalMaxPool
 
 INIT_EXPONENT = -7  # int8 init values are in units of 2**-7: value range [-1, 1)
 
 
-def convert(model: nn.Module, drop_bias: bool = False) -> IntSequential:
-    """Integer copy of a float sequential model (the float model is not modified)."""
-    layers = [_convert_leaf(path, m, drop_bias) for path, m in _leaves(model)]
+def convert(model: nn.Module, drop_bias: bool = False, *, init: torch.Generator | None = None,
+            tile: int = 0) -> IntSequential:
+    """Integer copy of a float sequential model (the float model is not modified).
+
+    Args:
+        drop_bias: drop nonzero biases with a warning instead of raising.
+        init: draw fresh integer weights from this generator instead of quantising the float ones.
+        tile: examples per int32 accumulator tile of the convolutions and per-point linears
+            (0: the whole batch at once; faster, more memory).
+
+    Example::
+
+        net = convert(LeNet5(), init=torch.Generator().manual_seed(0))
+        logits = net(pixels)   # uint8 [B, 1, 28, 28] -> QTensor [B, 10]
+    """
+    if tile < 0:
+        raise ValueError(f"tile={tile} must be >= 0 (0: no tiling)")
+    bias_rule = None if init is not None else drop_bias  # a fresh init ignores the float biases
+    layers = [_convert_leaf(path, m, bias_rule) for path, m in _leaves(model)]
+    for layer in layers:
+        if layer.has_weight:
+            layer.tile = tile
+            if init is not None:
+                layer.weight = _init_weight(layer.weight.shape, init).to(layer.weight.device)
+                layer.weight_exponent = INIT_EXPONENT
     return IntSequential(*layers)
 
 
@@ -57,7 +87,7 @@ def _leaves(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _convert_leaf(path: str, m: nn.Module, drop_bias: bool) -> IntLayer:
+def _convert_leaf(path: str, m: nn.Module, drop_bias: bool | None) -> IntLayer:
     where = f"module {path} ({m!r})"
     if isinstance(m, nn.Linear):
         _check_bias(m, where, drop_bias)
@@ -96,8 +126,9 @@ def _check_conv(m: nn.Conv2d, where: str) -> None:
     _require(not isinstance(m.padding, str), where, "an integer padding (not 'same'/'valid')")
 
 
-def _check_bias(m: nn.Module, where: str, drop_bias: bool) -> None:
-    if m.bias is None or not bool(m.bias.detach().ne(0).any()):
+def _check_bias(m: nn.Module, where: str, drop_bias: bool | None) -> None:
+    """Raise for a nonzero bias unless dropping is allowed (``None``: a fresh init, silent)."""
+    if drop_bias is None or m.bias is None or not bool(m.bias.detach().ne(0).any()):
         return
     if not drop_bias:
         raise ValueError(
@@ -119,55 +150,7 @@ def init_bound(fan_in: int) -> int:
     return max(1, min(INT8_MAX, math.isqrt((6 << 14) // fan_in)))
 
 
-def _init_weight(shape: tuple[int, ...], fan_in: int, generator: torch.Generator) -> torch.Tensor:
-    b = init_bound(fan_in)
+def _init_weight(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+    """Uniform int8 in [-b, b], b = ``init_bound(fan_in)``, fan_in = every dim but the first."""
+    b = init_bound(shape[1:].numel())
     return torch.randint(-b, b + 1, shape, generator=generator, dtype=torch.int8, device=generator.device)
-
-
-def int_linear(in_features: int, out_features: int, generator: torch.Generator) -> IntLinear:
-    return IntLinear(_init_weight((out_features, in_features), in_features, generator), INIT_EXPONENT)
-
-
-def int_conv2d(in_ch: int, out_ch: int, kernel: int, generator: torch.Generator, stride=1, padding=0) -> IntConv2d:
-    w = _init_weight((out_ch, in_ch, kernel, kernel), in_ch * kernel * kernel, generator)
-    return IntConv2d(w, INIT_EXPONENT, stride=stride, padding=padding)
-
-
-def int8_lenet5(generator: torch.Generator, num_classes: int = 10, in_channels: int = 1) -> IntSequential:
-    """LeNet-5 as ``elasticzo.models.LeNet5`` (input [B, in_channels, 28, 28]), in int8, no bias."""
-    g = generator
-    return IntSequential(
-        int_conv2d(in_channels, 6, 5, g, padding=2), IntReLU(inplace=True), IntMaxPool2d(2),  # [B, 6, 14, 14]
-        int_conv2d(6, 16, 5, g), IntReLU(inplace=True), IntMaxPool2d(2),  # [B, 16, 5, 5]
-        IntFlatten(),  # [B, 400]
-        int_linear(400, 120, g), IntReLU(inplace=True),
-        int_linear(120, 84, g), IntReLU(inplace=True),
-        int_linear(84, num_classes, g),  # [B, num_classes]
-    )
-
-
-def int8_mlp(
-    generator: torch.Generator, in_features: int = 784, hidden: tuple[int, ...] = (256, 128), num_classes: int = 10
-) -> IntSequential:
-    """MLP as ``elasticzo.models.MLP``: Flatten - (Linear - ReLU) per hidden width - Linear."""
-    widths = (in_features, *hidden)
-    layers: list[IntLayer] = [IntFlatten()]
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [int_linear(a, b, generator), IntReLU(inplace=True)]
-    layers.append(int_linear(widths[-1], num_classes, generator))
-    return IntSequential(*layers)
-
-
-def int8_pointnet(generator: torch.Generator, num_classes: int = 10, point_widths: tuple[int, ...] = POINT_WIDTHS,
-                  head_widths: tuple[int, ...] = HEAD_WIDTHS, in_features: int = 3) -> IntSequential:
-    """PointNet as ``elasticzo.models.PointNet`` (input [B, N, 3]), in int8, no bias."""
-    layers: list[IntLayer] = []
-    widths = (in_features, *point_widths)
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [int_linear(a, b, generator), IntReLU(inplace=True)]  # per point: [B, N, b]
-    layers.append(IntGlobalMaxPool())  # [B, point_widths[-1]]
-    widths = (point_widths[-1], *head_widths)
-    for a, b in zip(widths[:-1], widths[1:]):
-        layers += [int_linear(a, b, generator), IntReLU(inplace=True)]
-    layers.append(int_linear(widths[-1], num_classes, generator))  # [B, num_classes]
-    return IntSequential(*layers)

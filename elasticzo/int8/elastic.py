@@ -5,16 +5,15 @@ One step on an int8 batch, integer arithmetic only:
     L+ = CE_int(net(x; W_Z + eps z, W_B))      tail stores its inputs, NITI backward -> G+
     L- = CE_int(net(x; W_Z - eps z, W_B))      forward only, nothing stored
     d  = L+ - L-                               integer loss units (2**-16 bits, batch sum)
-    s  = bitlength(D) + zo_shift               D: running mean of |d| (integer EMA, 1/16 decay)
+    D <- D - D / 16 + |d| / 16                 running mean of |d| (integer EMA, shifts)
+    s  = bitlength(D) + zo_shift
     T  = R + d * z * 2**(F - s)                the step in 2**-F weight units (rounded if s > F), plus carry
     W_Z <- sat(W_Z - (T >> F)),  R <- T & (2**F - 1)
     W_B <- NITI(W_B, G+, mu)                   the largest step has about mu bits
 
-The carry R (uint8 per ZO weight, F = 8 bits) keeps the fraction of a weight unit
-that the int8 weight cannot hold yet, so small steps add up exactly instead of being rounded
-away. Stochastic rounding (``carry=False``) is unbiased too, but its variance is about
-2**(s - bitlength|d|) times that of the step itself: with steps of 1/16 unit it buries the
-SPSA signal under 16x more noise. The carry costs one byte per ZO weight.
+The carry R (uint8 per ZO weight, F = 8 bits, starting at half a unit) keeps the fraction of a
+weight unit that the int8 weight cannot hold yet, so small steps add up exactly instead of being
+rounded away. The carry costs one byte per ZO weight.
 
 The BP part takes the gradient of the + pass only (METHOD.md allows it): NITI normalises the
 step by the gradient's bit length anyway, so averaging with G- changes little, while skipping
@@ -24,119 +23,177 @@ z is int8 Rademacher, regenerated per layer from derive_seed(seed, step, 0, laye
 stored; perturbed weights sat(W +- eps z) are built out of place one layer at a time, so W_Z
 restores exactly. Dividing d by its running scale (``s`` follows |d|) is the integer twin of the
 float optimiser's ``normalize``: the step size does not grow as the loss differences grow.
+
+The optimiser has the shape of the float ``ElasticZO``: built by ``for_model(model, bp_layers)``,
+stepped with a closure ``closure(backward) -> integer loss`` (``loss_closure`` builds the usual
+one), and a ``torch.optim.Optimizer`` whose ``state_dict()`` holds the carries, the running |d|
+and the step counters, so a run saved and loaded continues bit-identically. Example::
+
+    net = convert(LeNet5(), init=torch.Generator().manual_seed(0))
+    opt = IntElasticZO.for_model(net, bp_layers=2, seed=0)
+    loss = opt.step(loss_closure(net, pixels, labels))   # int64 loss, 2**-16 units, batch sum
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
 import torch
 
-from elasticzo.bench.memory import memory_tag
-from elasticzo.bench.timing import phase
-from elasticzo.int8.format import QTensor
-from elasticzo.int8.layers import IntSequential
-from elasticzo.int8.loss import cross_entropy, cross_entropy_loss
+from elasticzo.instrument import memory_tag, phase
+from elasticzo.int8.layers import IntSequential, _WeightLayer
 from elasticzo.int8.rounding import bitlength
-from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturb, zo_update
+from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturb_weight, zo_update
 from elasticzo.zo.noise import derive_seed, layer_generator
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
+Closure = Callable[[bool], torch.Tensor]
 
 
-class IntElasticZO:
-    """Integer-only ElasticZO step for an ``IntSequential`` with its last ``bp_layers`` weight layers in BP.
+def _check(name: str, value, ok: bool, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"invalid {name}={value!r}: must be {rule}")
+
+
+def split_weight_layers(net: IntSequential, bp_layers: int) -> tuple[list[_WeightLayer], list[_WeightLayer]]:
+    """(ZO layers, BP layers) of an integer network: the last ``bp_layers`` weight layers in BP."""
+    layers = net.weight_layers()
+    if not 0 <= bp_layers <= len(layers):
+        raise ValueError(f"bp_layers={bp_layers} is out of range: the network has {len(layers)} "
+                         f"weight layers, so bp_layers must be in 0..{len(layers)}")
+    cut = len(layers) - bp_layers
+    return layers[:cut], layers[cut:]
+
+
+class IntElasticZO(torch.optim.Optimizer):
+    """Integer-only ElasticZO over an ordered list of ZO weight layers and BP weight layers.
 
     Args:
-        eps: perturbation in weight units (integer >= 1).
+        zo_layers, bp_layers: integer weight layers (``IntLinear`` / ``IntConv2d``) trained
+            with integer SPSA and with NITI backprop; ZO layers get ``backprop = False``.
+        eps: perturbation in weight units (integer 1..127).
         zo_shift: extra right shift of the ZO step; the expected |step| is about 2**-zo_shift units
-            per weight when |d| is at its running mean.
+            per weight when |d| is at its running mean (integer 0..30).
         mu: NITI learning rate of the BP part, a bit width in 1..8.
-        carry: accumulate ZO steps exactly with a uint8 carry per weight (else stochastic rounding).
-        seed: the directions and the rounding noise of step t come from derive_seed(seed, t, ...).
+        seed: the directions of step t come from derive_seed(seed, t, 0, layer).
     """
 
-    def __init__(self, net: IntSequential, bp_layers: int, *, eps: int = 1, zo_shift: int = 4, mu: int = 3,
-                 carry: bool = True, seed: int = 0):
-        weights = net.weight_layers()
-        if not 0 <= bp_layers <= len(weights):
-            raise ValueError(f"bp_layers={bp_layers} is out of range: the network has {len(weights)} "
-                             f"weight layers, so bp_layers must be in 0..{len(weights)}")
-        if not (isinstance(eps, int) and 1 <= eps <= 127):
-            raise ValueError(f"eps={eps!r} must be an integer in 1..127 (weight units)")
-        if not 0 <= zo_shift <= 30:
-            raise ValueError(f"zo_shift={zo_shift!r} must be in 0..30")
-        if not 1 <= mu <= 8:
-            raise ValueError(f"mu={mu!r} must be in 1..8 bits")
-        self.net, self.eps, self.zo_shift, self.mu, self.seed = net, eps, zo_shift, mu, seed
-        self.zo_layers = weights[: len(weights) - bp_layers]
-        self.bp_layers = weights[len(weights) - bp_layers:]
-        first_bp = net.layers.index(self.bp_layers[0]) if self.bp_layers else len(net.layers)
-        self.head, self.tail = net.layers[:first_bp], net.layers[first_bp:]
-        self.step_count = 0
-        half = 1 << (CARRY_BITS - 1)  # start each carry at half a unit: floor then rounds to nearest
-        self.carries = [torch.full(l.weight.shape, half, dtype=torch.uint8, device=l.weight.device)
-                        for l in self.zo_layers] if carry else []
-        self.d_scale = torch.zeros((), dtype=torch.int64, device=net.weight_layers()[0].weight.device)
-        self.last_d: torch.Tensor | None = None
+    def __init__(self, zo_layers: list[_WeightLayer], bp_layers: list[_WeightLayer], *, eps: int = 1,
+                 zo_shift: int = 4, mu: int = 3, seed: int = 0):
+        _check("eps", eps, isinstance(eps, int) and 1 <= eps <= 127, "an integer in 1..127 (weight units)")
+        _check("zo_shift", zo_shift, isinstance(zo_shift, int) and 0 <= zo_shift <= 30, "an integer in 0..30")
+        _check("mu", mu, isinstance(mu, int) and 1 <= mu <= 8, "an integer in 1..8 (bits)")
+        if not zo_layers and not bp_layers:
+            raise ValueError("IntElasticZO got no weight layers: both the ZO and the BP part are empty")
+        groups = []
+        if zo_layers:
+            groups.append(dict(params=[l.weight for l in zo_layers], part="zo", eps=eps, zo_shift=zo_shift,
+                               seed=seed, step=0))
+        if bp_layers:
+            groups.append(dict(params=[l.weight for l in bp_layers], part="bp", mu=mu, step=0))
+        super().__init__(groups, defaults={})
+        self.zo_layers, self.bp_layers = list(zo_layers), list(bp_layers)
+        for layer in self.zo_layers:
+            layer.backprop = False
+        for layer in self.bp_layers:
+            layer.backprop = True
+        self._init_state()
+        self.last_projected_grads: torch.Tensor | None = None  # [1]: d of the last step, integer loss units
 
-    def _direction(self, index: int) -> torch.Tensor:
-        """z of ZO layer ``index`` at this step, regenerated from its seed (never stored)."""
-        layer = self.zo_layers[index]
-        gen = layer_generator(derive_seed(self.seed, self.step_count, 0, index), layer.weight.device)
-        with memory_tag("zo_noise"):
-            return int8_noise(layer.weight.shape, gen)
+    def _init_state(self) -> None:
+        """A carry of half a unit per ZO weight (floor then rounds to nearest) and D = 0."""
+        half = 1 << (CARRY_BITS - 1)
+        for layer in self.zo_layers:
+            self.state[layer.weight]["carry"] = torch.full_like(layer.weight, half, dtype=torch.uint8)
+        if self.zo_layers:
+            first = self.zo_layers[0].weight
+            self.state[first]["d_scale"] = torch.zeros((), dtype=torch.int64, device=first.device)
 
-    def forward(self, x: QTensor, sign: int = 0, store: bool = False) -> QTensor:
-        """Logits at W_Z + sign * eps z (sign 0: unperturbed); the tail stores for backward when ``store``."""
-        zo_index = 0
-        for layer in self.head:
-            if layer.has_weight and sign != 0:
-                weight = perturb(layer.weight, self._direction(zo_index), sign * self.eps)
-                x = layer.forward(x, store=False, weight=weight)
-            else:
-                x = layer.forward(x, store=False)
-            zo_index += int(layer.has_weight)
-        for layer in self.tail:
-            x = layer.forward(x, store=store)
-        return x
+    @classmethod
+    def for_model(cls, model: IntSequential, bp_layers: int, **options) -> "IntElasticZO":
+        """The optimiser for ``model`` with its last ``bp_layers`` weight layers in BP."""
+        zo_layers, bp = split_weight_layers(model, bp_layers)
+        return cls(zo_layers, bp, **options)
 
-    def _pass(self, x: QTensor, y: torch.Tensor, sign: int, backward: bool) -> torch.Tensor:
-        """One (perturbed) pass: the integer loss; with ``backward``, NITI gradients in the tail."""
-        with phase("forward"):
-            logits = self.forward(x, sign, store=backward)
-        if not backward:
-            return cross_entropy_loss(logits, y)
-        loss, grad = cross_entropy(logits, y)
-        with phase("backward"):
-            for layer in reversed(self.tail):
-                grad = layer.backward(grad, input_grad=layer is not self.tail[0])
-        return loss
+    def _group(self, part: str) -> dict | None:
+        return next((g for g in self.param_groups if g["part"] == part), None)
 
-    def step(self, x: QTensor, y: torch.Tensor) -> torch.Tensor:
-        """One training step; returns the integer loss summed over the batch (mean of the passes)."""
-        has_bp = bool(self.bp_layers)
-        if not self.zo_layers:
-            loss = self._pass(x, y, 0, backward=True)
+    def zo_group(self) -> dict | None:
+        """The ZO parameter group (eps, zo_shift, seed and ``step``); None when every layer is in BP."""
+        return self._group("zo")
+
+    def apply_zo_update(self, d: torch.Tensor) -> None:
+        """The ZO update for the integer loss difference ``d`` = L+ - L- at the ZO group's current
+        ``step`` and ``zo_shift`` (the running |d| moves on): what ``step`` applies after its two
+        passes, and what a replay of the seed log repeats."""
+        zo = self.zo_group()
+        if zo is None:
+            raise ValueError("apply_zo_update: the optimiser has no ZO part (bp_layers = all)")
+        self._zo_update(zo, d)
+
+    def step(self, closure: Closure) -> torch.Tensor:  # type: ignore[override]
+        """One step; returns the integer loss summed over the batch (the mean of the two passes)."""
+        if closure is None:
+            raise ValueError("IntElasticZO.step needs a closure(backward: bool) that returns the integer loss")
+        zo, bp = self._group("zo"), self._group("bp")
+        if zo is None:
+            loss = self._evaluate(closure, backward=True)
         else:
-            loss_plus = self._pass(x, y, +1, backward=has_bp)
-            loss_minus = self._pass(x, y, -1, backward=False)
+            with self._perturbed(zo, +1):
+                loss_plus = self._evaluate(closure, backward=bp is not None)
+            with self._perturbed(zo, -1):
+                loss_minus = self._evaluate(closure, backward=False)
             with phase("update"):
-                self._zo_update(loss_plus - loss_minus)
+                self._zo_update(zo, loss_plus - loss_minus)
+            zo["step"] += 1
             loss = (loss_plus + loss_minus) >> 1
-        with phase("update"):
-            for layer in self.bp_layers:
-                layer.weight = niti_update(layer.weight, layer.grad_acc, self.mu)
-                layer.grad_acc = layer.grad_exponent = None
-        self.step_count += 1
+        if bp is not None:
+            with phase("update"):
+                self._bp_update(bp)
+            bp["step"] += 1
         return loss
 
-    def _zo_update(self, d: torch.Tensor) -> None:
-        """W <- sat(W - d z / 2**s), carried or stochastically rounded; s follows |d| (no host sync)."""
-        self.d_scale = self.d_scale - (self.d_scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT)
-        s = (bitlength(self.d_scale.clamp(min=1)) + self.zo_shift).clamp(max=62)
-        self.last_d = d
+    @staticmethod
+    def _evaluate(closure: Closure, backward: bool) -> torch.Tensor:
+        """A pass; grad mode tells the integer network whether to store for its backward."""
+        with torch.set_grad_enabled(backward), phase("forward_backward" if backward else "forward"):
+            return closure(backward)
+
+    def _direction(self, zo: dict, index: int) -> torch.Tensor:
+        """z of ZO layer ``index`` at this step, regenerated from its seed (never stored)."""
+        weight = self.zo_layers[index].weight
+        gen = layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), weight.device)
+        with memory_tag("zo_noise"):
+            return int8_noise(weight.shape, gen)
+
+    @contextmanager
+    def _perturbed(self, zo: dict, sign: int) -> Iterator[None]:
+        """Within the block, ZO layer i computes with sat(W_i + sign * eps z_i), built when it runs."""
         for i, layer in enumerate(self.zo_layers):
-            z = self._direction(i)  # drawn before the rounding generator is reseeded (one per device)
-            if self.carries:
-                layer.weight = zo_update(layer.weight, z, d, s, carry=self.carries[i])
-            else:
-                gen = layer_generator(derive_seed(self.seed, self.step_count, 1, i), layer.weight.device)
-                layer.weight = zo_update(layer.weight, z, d, s, generator=gen)  # query 1: rounding noise
+            layer.perturbation = lambda i=i, layer=layer: perturb_weight(layer.weight, self._direction(zo, i),
+                                                                           sign * zo["eps"])
+        try:
+            yield
+        finally:
+            for layer in self.zo_layers:
+                layer.perturbation = None
+
+    def _zo_update(self, zo: dict, d: torch.Tensor) -> None:
+        """W <- sat(W - d z / 2**s), the fraction carried; s follows |d| (no host sync)."""
+        state = self.state[self.zo_layers[0].weight]
+        scale = state["d_scale"]
+        scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
+        s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(max=62)
+        self.last_projected_grads = d.reshape(1)
+        for i, layer in enumerate(self.zo_layers):
+            z = self._direction(zo, i)
+            layer.weight.copy_(zo_update(layer.weight, z, d, s, carry=self.state[layer.weight]["carry"]))
+
+    def _bp_update(self, bp: dict) -> None:
+        """NITI on every BP layer from the gradient its backward left, then drop the gradient."""
+        for layer in self.bp_layers:
+            if layer.grad_acc is None:
+                raise RuntimeError("IntElasticZO: a BP layer has no gradient; the closure must call "
+                                   "model.backward(grad) when backward=True (see loss_closure)")
+            layer.weight.copy_(niti_update(layer.weight, layer.grad_acc, bp["mu"]))
+            layer.grad_acc = layer.grad_exponent = None

@@ -42,11 +42,6 @@ class QTensor:
         return QTensor(self.values.reshape(*shape), self.exponent)
 
 
-def exponent_int(e: Exponent) -> int:
-    """The exponent as a Python int (a host sync for tensors: for setup code and reports only)."""
-    return int(e.item()) if isinstance(e, torch.Tensor) else int(e)
-
-
 def quantize(x: torch.Tensor) -> QTensor:
     """Round a float tensor to int8 with the smallest exponent e such that max|x| <= 127 * 2**e.
 

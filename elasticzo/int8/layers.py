@@ -1,22 +1,30 @@
 """Integer layers with explicit forward and backward (autograd does not take integer tensors).
 
-Each layer maps QTensor -> QTensor. ``forward(x, store=True)`` keeps what ``backward`` needs;
-``store=False`` keeps nothing (the ZO part: forward only, the memory of inference).
-Weight layers (``IntLinear``, ``IntConv2d``, no bias as in NITI) hold int8 ``weight`` with a
-fixed ``weight_exponent``; ``backward`` leaves the integer weight gradient in ``grad_acc``
-(int32, or int64 when the sum is too long for int32) with value grad_acc * 2**grad_exponent,
-and returns the requantized int8 error for the layer below.
+Every layer is an ``nn.Module`` mapping QTensor -> QTensor, so a network has ``.to()``,
+``state_dict()``, ``load_state_dict()``, ``.eval()`` like a float one. ``forward(x, store=True)``
+keeps what ``backward`` needs; ``store=False`` keeps nothing (the ZO part: forward only, the
+memory of inference). Weight layers (``IntLinear``, ``IntConv2d``, no bias as in NITI) hold the
+int8 ``weight`` and its fixed exponent as buffers (``exponent``, an int64 scalar, mirrored in
+the Python int ``weight_exponent`` that forward reads without a host sync); ``backward`` leaves
+the integer weight gradient in ``grad_acc`` (int32, or int64 when the sum is too long for
+int32) with value grad_acc * 2**grad_exponent, and returns the requantized int8 error for the
+layer below.
 
-``forward(x, weight=w)`` runs with another int8 weight of the same shape and exponent (a
-perturbed copy built out of place), so ZO never writes to ``layer.weight``.
+A weight layer computes with another int8 weight of the same shape and exponent when given
+``forward(x, weight=w)`` or while its ``perturbation`` callable is set (``IntElasticZO`` sets
+it for the + and - passes): a perturbed copy built out of place, so ZO never writes
+``layer.weight``. ``backprop = False`` marks a layer of the ZO part: ``IntSequential`` stores
+nothing for it and its backward stops above it (the integer twin of ``requires_grad=False``).
 """
 from __future__ import annotations
 
 from typing import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from elasticzo.int8.format import ACC_BITS, Exponent, QTensor, requantize_int32
+from elasticzo.int8.inputs import quantize_input
 from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest
 from elasticzo.int8.ops import (
     _is_stride1,
@@ -55,7 +63,7 @@ def requantize_tiled(acc_of: Callable[[int, int], torch.Tensor], batch: int, til
     return QTensor(out, exponent + s)
 
 
-class IntLayer:
+class IntLayer(nn.Module):
     """Base: no parameters, nothing stored."""
 
     has_weight = False
@@ -66,17 +74,8 @@ class IntLayer:
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         raise NotImplementedError
 
-    def __call__(self, x: QTensor, store: bool = True) -> QTensor:
-        return self.forward(x, store)
-
     def clear(self) -> None:
         """Drop stored activations (called after backward, or to abandon a step)."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
-
-    def extra_repr(self) -> str:
-        return ""
 
 
 class _WeightLayer(IntLayer):
@@ -85,17 +84,35 @@ class _WeightLayer(IntLayer):
     has_weight = True
 
     def __init__(self, weight: torch.Tensor, weight_exponent: int):
+        super().__init__()
         if weight.dtype != torch.int8:
             raise TypeError(f"{type(self).__name__} weight must be int8, got {weight.dtype}")
-        self.weight = weight
-        self.weight_exponent = int(weight_exponent)
+        self.register_buffer("weight", weight)
+        self.register_buffer("exponent", torch.tensor(int(weight_exponent), dtype=torch.int64))
+        self._exponent = int(weight_exponent)
+        self.backprop = True  # False: a ZO layer (nothing stored for it, backward stops above it)
+        self.perturbation: Callable[[], torch.Tensor] | None = None  # set by IntElasticZO for +-eps passes
         self.grad_acc: torch.Tensor | None = None  # int32/int64, set by backward
         self.grad_exponent: Exponent | None = None
         self._input: QTensor | None = None
 
+    @property
+    def weight_exponent(self) -> int:
+        """The weight's exponent as a Python int (the ``exponent`` buffer, read without a sync)."""
+        return self._exponent
+
+    @weight_exponent.setter
+    def weight_exponent(self, value: int) -> None:
+        self._exponent = int(value)
+        self.exponent.fill_(self._exponent)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._exponent = int(self.exponent)  # once per load: keep the Python mirror in step
+
     def _weight(self, weight: torch.Tensor | None) -> torch.Tensor:
         if weight is None:
-            return self.weight
+            return self.weight if self.perturbation is None else self.perturbation()
         if weight.shape != self.weight.shape or weight.dtype != torch.int8:
             raise ValueError(f"weight override must be int8 {tuple(self.weight.shape)}, got {weight.dtype} {tuple(weight.shape)}")
         return weight
@@ -206,6 +223,7 @@ class IntReLU(IntLayer):
     """max(x, 0) on int8; backward passes the error where x > 0 (0 at x == 0, as PyTorch)."""
 
     def __init__(self, inplace: bool = False) -> None:
+        super().__init__()
         self.inplace = inplace  # overwrite the input, as nn.ReLU(inplace=True): one int8 copy less
         self._mask: torch.Tensor | None = None
 
@@ -232,6 +250,7 @@ class IntMaxPool2d(IntLayer):
     """
 
     def __init__(self, kernel_size, stride=None):
+        super().__init__()
         self.kernel_size = kernel_size
         self.stride = kernel_size if stride is None else stride
         self._arg: torch.Tensor | None = None
@@ -266,6 +285,7 @@ class IntGlobalMaxPool(IntLayer):
     """
 
     def __init__(self) -> None:
+        super().__init__()
         self._arg: torch.Tensor | None = None  # int64 [B, C]: which point won each channel
         self._points: int | None = None
 
@@ -296,6 +316,7 @@ class IntFlatten(IntLayer):
     """[B, ...] -> [B, prod(...)]; backward reshapes back (only the shape is stored)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._shape: torch.Size | None = None
 
     def forward(self, x: QTensor, store: bool = True) -> QTensor:
@@ -309,57 +330,75 @@ class IntFlatten(IntLayer):
         return out
 
 
-class IntSequential:
+class IntSequential(nn.Module):
     """Layers run in order; backward runs them in reverse.
 
-    ``forward(x, store=False)`` is inference / the ZO part. ``weights`` optionally overrides the
-    weight of each weight layer (one entry per ``weight_layers()``, None keeps the layer's own).
-    ``backward(grad)`` fills every weight layer's ``grad_acc`` and, by default, stops below the
-    first weight layer: the error wrt the network input is never needed for training.
+    ``forward(x)`` takes a ``QTensor`` or a plain batch, quantised at the boundary
+    (``int8.inputs.quantize_input``: raw uint8 pixels, int8 points, or float values). It stores
+    what backward needs when training with grad mode on (``torch.no_grad()`` or ``.eval()``:
+    inference, nothing stored), and never for the layers before the first weight layer with
+    ``backprop`` set (the ZO part). ``store`` overrides that choice for every layer; ``weights``
+    optionally overrides the weight of each weight layer (one entry per ``weight_layers()``,
+    None keeps the layer's own). ``backward(grad)`` fills the ``grad_acc`` of every BP weight
+    layer and, by default, stops there: the error wrt the network input is never needed.
     """
 
     def __init__(self, *layers: IntLayer):
-        self.layers = list(layers)
+        super().__init__()
+        for i, layer in enumerate(layers):
+            self.add_module(str(i), layer)  # state_dict keys "<i>.weight", as the float nn.Sequential
 
-    def forward(self, x: QTensor, store: bool = True, weights: Sequence[torch.Tensor | None] | None = None) -> QTensor:
+    @property
+    def layers(self) -> list[IntLayer]:
+        return list(self.children())
+
+    def _first_backprop(self, layers: list[IntLayer]) -> int:
+        """Index of the first weight layer trained by backprop (len(layers) when there is none)."""
+        return next((i for i, layer in enumerate(layers) if layer.has_weight and layer.backprop), len(layers))
+
+    def forward(self, x: QTensor | torch.Tensor, store: bool | None = None,
+                weights: Sequence[torch.Tensor | None] | None = None) -> QTensor:
+        x = x if isinstance(x, QTensor) else quantize_input(x)
+        layers = self.layers
+        first = 0 if store is not None else self._first_backprop(layers)
+        store = self.training and torch.is_grad_enabled() if store is None else store
         overrides = iter(weights) if weights is not None else None
-        for layer in self.layers:
+        for i, layer in enumerate(layers):
+            keep = store and i >= first
             if layer.has_weight and overrides is not None:
-                x = layer.forward(x, store, weight=next(overrides))
+                x = layer(x, keep, weight=next(overrides))
             else:
-                x = layer.forward(x, store)
+                x = layer(x, keep)
         return x
 
-    __call__ = forward
-
     def backward(self, grad: QTensor, input_grad: bool = False) -> QTensor | None:
-        first = next((i for i, layer in enumerate(self.layers) if layer.has_weight), 0)
-        for i in range(len(self.layers) - 1, -1, -1):
+        layers = self.layers
+        first = self._first_backprop(layers)
+        if first == len(layers):
+            return None  # no layer in BP
+        for i in range(len(layers) - 1, first - 1, -1):
             need = input_grad or i > first
-            grad = self.layers[i].backward(grad, input_grad=need)
+            grad = layers[i].backward(grad, input_grad=need)
             if not need:
                 return None
         return grad
 
     def weight_layers(self) -> list[_WeightLayer]:
-        return [layer for layer in self.layers if layer.has_weight]
+        return [layer for layer in self.children() if layer.has_weight]
 
     def clear(self) -> None:
-        for layer in self.layers:
+        for layer in self.children():
             layer.clear()
 
     def __getitem__(self, idx):
-        return IntSequential(*self.layers[idx]) if isinstance(idx, slice) else self.layers[idx]
+        layers = self.layers
+        return IntSequential(*layers[idx]) if isinstance(idx, slice) else layers[idx]
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self._modules)
 
     def __iter__(self) -> Iterator[IntLayer]:
-        return iter(self.layers)
-
-    def __repr__(self) -> str:
-        body = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
-        return f"IntSequential({body}\n)"
+        return iter(self.children())
 
 
 __all__ = ["IntLayer", "IntLinear", "IntConv2d", "IntReLU", "IntMaxPool2d", "IntGlobalMaxPool", "IntFlatten",

@@ -195,3 +195,21 @@ def loss_tolerance_units(logits: QTensor) -> float:
 def loss_to_nats(loss: torch.Tensor) -> torch.Tensor:
     """For reports only (float): the integer loss in nats."""
     return loss.to(torch.float64) * (math.log(2) / 2**LOSS_FRAC_BITS)
+
+
+def loss_closure(model, x: torch.Tensor, target: torch.Tensor):
+    """The closure an ``IntElasticZO`` step calls: ``closure(backward) -> integer loss`` of ``model(x)``.
+
+    With ``backward`` it also runs the integer backward (NITI gradients in the BP layers), as
+    a float closure calls ``loss.backward()``. ``x`` is a QTensor or a batch the model
+    quantises at its boundary (uint8 pixels, int8 points).
+    """
+    def closure(backward: bool = True) -> torch.Tensor:
+        logits = model(x)
+        if not backward:
+            return cross_entropy_loss(logits, target)
+        loss, grad = cross_entropy(logits, target)
+        model.backward(grad)
+        return loss
+
+    return closure

@@ -47,10 +47,6 @@ def set_matmul_impl(impl: str) -> None:
     _default_impl = impl
 
 
-def get_matmul_impl() -> str:
-    return _default_impl
-
-
 # ---------------------------------------------------------------- the one dispatch function
 
 

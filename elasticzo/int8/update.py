@@ -16,10 +16,8 @@ from elasticzo.int8.rounding import (
     saturate_int8,
     shift_round_nearest,
     shift_round_pseudo_stochastic,
-    shift_round_stochastic,
 )
 
-NOISE_KINDS = ("rademacher", "ternary")
 CARRY_BITS = 8  # fractional bits of the ZO carry: one uint8 per weight
 
 
@@ -56,34 +54,20 @@ def niti_update(weight: torch.Tensor, grad_acc: torch.Tensor, mu: int) -> torch.
     return _chunked(weight, lambda lo, hi: shift_round_pseudo_stochastic(grad[lo:hi], s))
 
 
-def apply_niti_update(layers, mu: int) -> None:
-    """``niti_update`` every weight layer that has a gradient, then drop the gradient."""
-    for layer in layers:
-        if getattr(layer, "grad_acc", None) is not None:
-            layer.weight = niti_update(layer.weight, layer.grad_acc, mu)
-            layer.grad_acc, layer.grad_exponent = None, None
-
-
 # ---------------------------------------------------------------- zeroth order
 
 
-def int8_noise(shape, generator: torch.Generator, kind: str = "rademacher", device=None) -> torch.Tensor:
-    """int8 direction z regenerated from ``generator``: Rademacher +-1 or ternary {-1, 0, +1}.
+def int8_noise(shape, generator: torch.Generator) -> torch.Tensor:
+    """int8 Rademacher direction z (+-1) regenerated from ``generator``, on its device.
 
-    Rademacher uses one random bit per entry (8 per random byte), so regenerating z is cheap.
+    One random bit per entry (32 per random word), so regenerating z is cheap.
     """
     shape = torch.Size(shape)
-    device = generator.device if device is None else device
-    n = shape.numel()
-    if kind == "rademacher":
-        bits = random_bits(n, generator, device).view(torch.int8)  # [n] of 0/1, n bytes
-        return bits.mul_(2).sub_(1).reshape(shape)
-    if kind == "ternary":
-        return (torch.randint(0, 3, shape, generator=generator, device=device, dtype=torch.int8) - 1)
-    raise ValueError(f"unknown int8 noise kind {kind!r}; choose one of {NOISE_KINDS}")
+    bits = random_bits(shape.numel(), generator, generator.device).view(torch.int8)  # [n] of 0/1, n bytes
+    return bits.mul_(2).sub_(1).reshape(shape)
 
 
-def perturb(weight: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
+def perturb_weight(weight: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
     """saturate(W + eps * z), out of place: ``weight`` itself is never written, so it restores exactly.
 
     ``eps`` is a signed integer number of weight units (pass -eps for the minus side).
@@ -96,24 +80,21 @@ def perturb(weight: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
 
 
 def zo_update(weight: torch.Tensor, z: torch.Tensor, d: torch.Tensor, s: torch.Tensor | int,
-              carry: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+              carry: torch.Tensor) -> torch.Tensor:
     """Integer SPSA step: saturate(W - d * z / 2**s), d = L+ - L- in integer loss units.
 
     The float rule is W - lr * (L+ - L-) / (2 eps) * z; here lr / (2 eps) and the loss scale are
-    one power of two 2**-s. The fraction of a weight unit is handled one of two ways:
-
-    - ``carry`` (uint8, shaped like W, updated in place): with F = 8 fractional bits,
-      T = carry + d z * 2**(F - s) (rounded to nearest when s > F); W loses T >> F whole units
-      and carry keeps T mod 2**F. For s <= F nothing is lost: over any sequence of steps W moves
-      by their sum, rounded once; for s > F each step is first rounded to 2**-F units.
-    - ``generator``: stochastic rounding, unbiased, but with a variance of about 2**s / |d z|
-      units^2 per step, far above the step itself when steps are small.
+    one power of two 2**-s. The fraction of a weight unit is not rounded away: ``carry`` (uint8,
+    shaped like W, updated in place) holds it in F = 8 fractional bits,
+    T = carry + d z * 2**(F - s) (rounded to nearest when s > F); W loses T >> F whole units and
+    carry keeps T mod 2**F. For s <= F nothing is lost: over any sequence of steps W moves by
+    their sum, rounded once; for s > F each step is first rounded to 2**-F units. (Stochastic
+    rounding, the other unbiased choice, adds a variance of about 2**s / |d z| units^2 per step:
+    far above the step itself when steps are small.)
     """
-    if (carry is None) == (generator is None):
-        raise ValueError("zo_update takes exactly one of carry (exact accumulation) or generator (stochastic rounding)")
+    if carry.dtype != torch.uint8 or carry.shape != weight.shape:
+        raise ValueError(f"carry must be uint8 {tuple(weight.shape)}, got {carry.dtype} {tuple(carry.shape)}")
     dz = d.to(torch.int64) * z.reshape(-1).to(torch.int64)  # [n], |d z| < 2**62
-    if carry is None:
-        return _chunked(weight, lambda lo, hi: shift_round_stochastic(dz[lo:hi], s, generator))
     flat = carry.view(-1)
     return _chunked(weight, lambda lo, hi: _carried(dz[lo:hi], s, flat[lo:hi]))
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
-from elasticzo.bench.timing import phase
+from elasticzo.instrument import phase
 from elasticzo.models.layers import layer_params, split_layers
 from elasticzo.zo.noise import NOISE_KINDS, derive_seed, layer_noise
 from elasticzo.zo.perturb import perturbed
@@ -136,6 +136,21 @@ class ElasticZO(torch.optim.Optimizer):
 
     def _group(self, part: str) -> dict | None:
         return next((g for g in self.param_groups if g["part"] == part), None)
+
+    def zo_group(self) -> dict | None:
+        """The ZO parameter group (its hyper-parameters and ``step``); None when every layer is in BP."""
+        return self._group("zo")
+
+    @torch.no_grad()
+    def apply_zo_update(self, grads: list[torch.Tensor]) -> None:
+        """The ZO update for projected gradients ``grads`` (one per query) at the ZO group's current
+        ``step`` and ``lr``: what ``step`` applies after its passes, and what a replay repeats."""
+        zo = self.zo_group()
+        if zo is None:
+            raise ValueError("apply_zo_update: the optimiser has no ZO part (bp_layers = all)")
+        if len(grads) != zo["queries"]:
+            raise ValueError(f"apply_zo_update: {len(grads)} projected gradients for queries={zo['queries']}")
+        self._zo_update(zo, grads)
 
     @torch.no_grad()
     def step(self, closure: Closure) -> torch.Tensor:  # type: ignore[override]

@@ -1,20 +1,21 @@
 """Fine-tuning: start a run from the weights of a trained checkpoint (``--init CHECKPOINT``).
 
 Every layer takes the checkpoint's weights except, when the class count differs, the head (the
-last parametrised layer), which keeps its fresh seeded init. The optimiser starts fresh (no
+last weight layer), which keeps its fresh seeded init. The optimiser starts fresh (no
 momentum, step 0): fine-tuning is a new run that only borrows weights.
 
 Float runs take float checkpoints of the same architecture. INT8 runs take either
 
 * an INT8 checkpoint (integer weights and their exponents, e.g. pretrained with NITI:
-  ``--precision int8 --method bp``): copied as they are; or
+  ``--precision int8 --method bp``): loaded as they are; or
 * a float checkpoint: loaded into the float model and converted once (``int8.convert``), the
   usual path for a net pretrained on a server and adapted on the device. NITI layers have no
   bias, so the biases are dropped (with a warning): the converted net starts close to, not
   exactly at, the float one.
 
-Anything that does not fit (another model, other widths, a corrupt file) raises a
-``CheckpointError`` that names the file and the first mismatch.
+Both go through the model's ``load_state_dict``. Anything that does not fit (another model,
+other widths, a corrupt file) raises a ``CheckpointError`` that names the file and the first
+mismatch.
 """
 from __future__ import annotations
 
@@ -32,27 +33,23 @@ PREFIX = "model."
 
 
 def init_from_checkpoint(learner, config: TrainConfig, path: str) -> str:
-    """Load the weights of checkpoint ``path`` into ``learner``; returns a one-line summary."""
-    tensors, meta = load_checkpoint(path)
+    """Load the weights of checkpoint ``path`` into ``learner.model``; returns a one-line summary."""
+    tensors, _ = load_checkpoint(path)
     weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     if not weights:
         raise CheckpointError(f"{path}: holds no model weights (no '{PREFIX}*' tensors)")
     is_int8 = any(v.dtype == torch.int8 for v in weights.values())
-    if hasattr(learner, "net"):  # the INT8 learner
-        if is_int8:
-            kept = _init_int_from_int(learner.net, weights, meta, path)
-        else:
-            kept = _init_int_from_float(learner.net, weights, config.model, path)
-    elif is_int8:
+    if is_int8 and config.precision != "int8":
         raise CheckpointError(f"{path}: is an INT8 checkpoint; a float run cannot start from it "
                               "(use --precision int8, or a float checkpoint)")
-    else:
-        kept = _init_float(learner.model, weights, path)
+    if config.precision == "int8" and not is_int8:
+        weights = _converted(weights, config.model, path)
+    kept = _load_weights(learner.model, weights, path)
     head = "kept the checkpoint's head" if kept else "new head (the class count differs)"
     return f"init from {path}: {head}"
 
 
-def _init_float(model: nn.Module, weights: dict[str, torch.Tensor], path) -> bool:
+def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path) -> bool:
     """Copy ``weights`` into ``model``; the head keeps its init if only its class count differs."""
     state = model.state_dict()
     head = _head_keys(model)
@@ -64,10 +61,11 @@ def _init_float(model: nn.Module, weights: dict[str, torch.Tensor], path) -> boo
 
 
 def _head_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the last parametrised layer (the classifier head)."""
-    head = parametrised_layers(model)[-1]
+    """State-dict keys of the last weight layer (the classifier head), float or integer."""
+    weight_layers = getattr(model, "weight_layers", None)
+    head = weight_layers()[-1] if callable(weight_layers) else parametrised_layers(model)[-1]
     name = next(n for n, m in model.named_modules() if m is head)
-    return [f"{name}.{p}" if name else p for p, _ in head.named_parameters(recurse=False)]
+    return [f"{name}.{k}" if name else k for k in head.state_dict()]
 
 
 def _differs_only_in_classes(state: dict, weights: dict, head: list[str], path) -> bool:
@@ -89,52 +87,19 @@ def _differs_only_in_classes(state: dict, weights: dict, head: list[str], path) 
     return new_head
 
 
-def _init_int_from_int(net, weights: dict[str, torch.Tensor], meta: dict, path) -> bool:
-    layers = net.weight_layers()
-    exponents = meta.get("learner", {}).get("weight_exponents")
-    if exponents is None or len(exponents) != len(layers) or len(weights) != len(layers):
-        raise CheckpointError(f"{path}: an INT8 checkpoint of {len(weights)} weight layers "
-                              f"(exponents {exponents}) does not fit this model's {len(layers)}")
-    new_head = False
-    for i, layer in enumerate(layers):
-        value = weights.get(f"{i}.weight")
-        if value is None or value.dtype != torch.int8:
-            raise CheckpointError(f"{path}: model.{i}.weight is missing or not int8")
-        if value.shape != layer.weight.shape:
-            if i == len(layers) - 1 and value.shape[1:] == layer.weight.shape[1:]:
-                new_head = True  # keep the fresh int8 head and its exponent
-                continue
-            raise CheckpointError(f"{path}: model.{i}.weight has shape {tuple(value.shape)}, "
-                                  f"the model wants {tuple(layer.weight.shape)}")
-        layer.weight = value.to(layer.weight.device).clone()
-        layer.weight_exponent = int(exponents[i])
-    return not new_head
-
-
-def _init_int_from_float(net, weights: dict[str, torch.Tensor], model_name: str, path) -> bool:
-    """Build the float model the checkpoint fits, load it, convert it, copy the integer weights."""
+def _converted(weights: dict[str, torch.Tensor], model_name: str, path) -> dict[str, torch.Tensor]:
+    """The integer state of a float checkpoint: load the float model it fits, convert it once."""
     from elasticzo.int8.convert import convert
 
-    layers = net.weight_layers()
-    classes = _checkpoint_classes(weights, model_name, path)
     with seeded(0):  # the init is overwritten; only the global RNG must stay untouched
-        float_model = build_model(model_name, classes)
+        float_model = build_model(model_name, _checkpoint_classes(weights, model_name, path))
     load_into_module(float_model, {PREFIX + k: v for k, v in weights.items()}, path, prefix=PREFIX)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one summary warning below instead of one per layer
-        converted = convert(float_model, drop_bias=True).weight_layers()
+        converted = convert(float_model, drop_bias=True)
     if any(m.bias is not None and bool(m.bias.ne(0).any()) for m in parametrised_layers(float_model)):
-        warnings.warn(f"--init {path}: the float biases were dropped (integer layers have none)", stacklevel=2)
-    new_head = classes != layers[-1].weight.shape[0]
-    for i, (layer, source) in enumerate(zip(layers, converted)):
-        if i == len(layers) - 1 and new_head:
-            break
-        if source.weight.shape != layer.weight.shape:
-            raise CheckpointError(f"{path}: weight layer {i} converts to shape {tuple(source.weight.shape)}, "
-                                  f"the INT8 model wants {tuple(layer.weight.shape)}")
-        layer.weight = source.weight.to(layer.weight.device)
-        layer.weight_exponent = source.weight_exponent
-    return not new_head
+        warnings.warn(f"--init {path}: the float biases were dropped (integer layers have none)", stacklevel=3)
+    return converted.state_dict()
 
 
 def _checkpoint_classes(weights: dict[str, torch.Tensor], model_name: str, path) -> int:

@@ -5,8 +5,8 @@
     predictions = model(x).argmax(dim=1)                            # x: normalised [B, 1, 28, 28]
 
 A float run gives its ``nn.Module`` in eval mode. An INT8 run gives its integer network
-(``IntSequential``), which takes int8 input: ``model(quantize_input(pixels), store=False)``
-with ``quantize_input`` from ``elasticzo.int8.learner`` and raw uint8 pixels.
+(``IntSequential``, also an ``nn.Module`` in eval mode), which takes the raw uint8 pixels (or
+int8 points) and returns a ``QTensor``: ``model(pixels).values.argmax(dim=1)``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch import nn
 from elasticzo.config import TrainConfig
 from elasticzo.models import build_model
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, load_into_module
-from elasticzo.train.finetune import PREFIX, _checkpoint_classes, _init_int_from_int
+from elasticzo.train.finetune import PREFIX, _checkpoint_classes
 from elasticzo.train.learner import seeded
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -47,23 +47,11 @@ def load_model(path: str | Path, model: str | None = None, device: str | torch.d
     weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     if not weights:
         raise CheckpointError(f"{checkpoint}: holds no model weights (no '{PREFIX}*' tensors)")
-    if any(v.dtype == torch.int8 for v in weights.values()):
-        return _int_model(model, weights, meta, checkpoint, torch.device(device))
     with seeded(0):  # the init is overwritten; the caller's global RNG stays untouched
         net: nn.Module = build_model(model, _checkpoint_classes(weights, model, checkpoint))
+    if any(v.dtype == torch.int8 for v in weights.values()):
+        from elasticzo.int8.convert import convert
+
+        net = convert(net, init=torch.Generator().manual_seed(0))  # the integer model of the run
     load_into_module(net, tensors, checkpoint, prefix=PREFIX)
     return net.to(device).eval()
-
-
-def _int_model(model: str, weights: dict, meta: dict, checkpoint: Path, device: torch.device):
-    """The INT8 network of ``model`` with the checkpoint's integer weights and exponents."""
-    from elasticzo.int8.learner import build_int_model
-
-    last = weights.get(f"{len(weights) - 1}.weight")
-    if last is None:
-        raise CheckpointError(f"{checkpoint}: INT8 weights are not numbered 0..{len(weights) - 1}")
-    net = build_int_model(model, int(last.shape[0]), torch.Generator().manual_seed(0))
-    _init_int_from_int(net, weights, meta, checkpoint)
-    for layer in net.weight_layers():
-        layer.weight = layer.weight.to(device)
-    return net

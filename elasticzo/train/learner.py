@@ -1,8 +1,11 @@
-"""A learner = a model + how it is trained, behind the few calls the training loop needs.
+"""The learner: a model and its optimiser, behind the few calls the training loop needs.
 
-The loop (``train.loop``) is the same for every method and precision; only the learner differs:
-``FloatLearner`` trains a float model with ``ElasticZO`` (BP, vanilla ZO and the hybrid), the
-INT8 learner trains an integer network with integer-only arithmetic.
+One class serves both precisions. FP32 builds the float model of ``config.model`` and trains it
+with ``ElasticZO``; INT8 converts that same model (``int8.convert``, fresh integer init) and
+trains it with ``IntElasticZO``. Both optimisers are built by ``for_model(model, bp_layers)``,
+stepped with a closure, and checkpointed through ``model.state_dict()`` and
+``optimizer.state_dict()``; the precision only decides the closure, the learning-rate schedule
+and the unit of the logged loss.
 """
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from elasticzo.config import TrainConfig
-from elasticzo.models import build_model, parametrised_layers
-from elasticzo.optim.elastic import ElasticZO
+from elasticzo.models import build_model
+
+OPTIM = "optim."
+MODEL = "model."
 
 
 def resolve_bp_layers(config: TrainConfig, num_layers: int) -> int:
@@ -37,6 +42,12 @@ def schedule_factor(schedule: str, progress: float) -> float:
     return 1.0
 
 
+def int8_decay_steps(schedule: str, progress: float) -> int:
+    """Halvings of the integer learning rates at ``progress``: the step-decay twin of the float
+    schedules (with ``cosine`` one at 50 % and one at 75 % of the run; ``constant`` none)."""
+    return int(progress >= 0.5) + int(progress >= 0.75) if schedule != "constant" else 0
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Run a block (model init) with the global RNG seeded, then give the caller's RNG state back."""
@@ -45,30 +56,62 @@ def seeded(seed: int):
         yield
 
 
-class FloatLearner:
-    """A float model trained by ``ElasticZO`` with the split of ``config``."""
+def build_learner_model(config: TrainConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """The model of ``config``: the float model (seeded init) or, for INT8, its integer conversion."""
+    with seeded(config.seed):
+        model = build_model(config.model, num_classes)
+    if config.precision == "int8":
+        from elasticzo.int8.convert import convert
+
+        gen = torch.Generator(device="cpu").manual_seed(config.seed)
+        model = convert(model, init=gen, tile=config.int8_tile)
+    return model.to(device)
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module, bp_layers: int) -> torch.optim.Optimizer:
+    """The optimiser of ``config`` for ``model`` (every option of the precision's optimiser set)."""
+    if config.precision == "int8":
+        from elasticzo.int8.elastic import IntElasticZO
+
+        return IntElasticZO.for_model(model, bp_layers, eps=1, zo_shift=config.int8_zo_shift,
+                                      mu=config.int8_lr_bits, seed=config.seed)
+    from elasticzo.optim.elastic import ElasticZO
+
+    return ElasticZO.for_model(
+        model, bp_layers, lr_zo=config.zo_learning_rate(), lr_bp=config.lr_bp, eps=config.eps,
+        queries=config.queries, noise=config.noise, grad_clip=config.grad_clip or None, normalize=config.normalize,
+        zo_weight_decay=config.zo_weight_decay, momentum=config.momentum, weight_decay=config.weight_decay,
+        bp_grad=config.bp_grad, seed=config.seed)
+
+
+class Learner:
+    """The model of ``config`` trained by the optimiser of its precision, split as ``config`` says."""
 
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device):
-        with seeded(config.seed):
-            self.model: nn.Module = build_model(config.model, num_classes).to(device)
-        self.bp_layers = resolve_bp_layers(config, len(parametrised_layers(self.model)))
-        self.optimizer = ElasticZO.for_model(
-            self.model, self.bp_layers, lr_zo=config.zo_learning_rate(), lr_bp=config.lr_bp, eps=config.eps,
-            queries=config.queries, noise=config.noise, grad_clip=config.grad_clip or None, normalize=config.normalize,
-            zo_weight_decay=config.zo_weight_decay, momentum=config.momentum,
-            weight_decay=config.weight_decay, bp_grad=config.bp_grad, seed=config.seed)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.int8 = config.precision == "int8"
+        self.model = build_learner_model(config, num_classes, device)
+        self.bp_layers = resolve_bp_layers(config, num_weight_layers(self.model))
+        self.optimizer = build_optimizer(config, self.model, self.bp_layers)
         self.schedule = config.schedule
+        self.base = [dict(g) for g in self.optimizer.param_groups]  # hyper-parameters at progress 0
 
     def set_progress(self, progress: float) -> None:
         """Set the learning rates for ``progress`` (fraction of all steps done)."""
-        factor = schedule_factor(self.schedule, progress)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * factor
+        for group, base in zip(self.optimizer.param_groups, self.base):
+            if not self.int8:
+                group["lr"] = base["lr"] * schedule_factor(self.schedule, progress)
+            elif group["part"] == "bp":  # NITI's bit width drops one bit per halving
+                group["mu"] = max(1, base["mu"] - int8_decay_steps(self.schedule, progress))
+            else:  # the ZO step shift grows by one
+                group["zo_shift"] = base["zo_shift"] + int8_decay_steps(self.schedule, progress)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One optimiser step on a batch; returns the loss as a 0-dim tensor (no host sync)."""
+        """One optimiser step on a batch; returns the mean loss in nats as a 0-dim tensor (no host sync)."""
         self.model.train()
+        if self.int8:
+            from elasticzo.int8.loss import loss_closure, loss_to_nats
+
+            return loss_to_nats(self.optimizer.step(loss_closure(self.model, x, y))) / x.shape[0]
 
         def closure(backward: bool = True) -> torch.Tensor:
             loss = F.cross_entropy(self.model(x), y)
@@ -79,35 +122,50 @@ class FloatLearner:
         return self.optimizer.step(closure)
 
     def step_record(self) -> torch.Tensor | None:
-        """Projected gradients [q] of the last step (for the seed log), None without a ZO part."""
+        """The projected gradients of the last step (for the seed log), None without a ZO part."""
         return self.optimizer.last_projected_grads
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         self.model.eval()
-        return self.model(x).argmax(dim=1)
+        logits = self.model(x)
+        return (logits.values if self.int8 else logits).argmax(dim=1)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Everything tensor-valued a resume needs: weights and optimiser state (momentum, g RMS)."""
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for i, p in enumerate(params):
-            for key, value in self.optimizer.state.get(p, {}).items():
-                tensors[f"optim.{i}.{key}"] = value
+        """Every tensor a resume needs, by checkpoint name: ``model.<state_dict key>`` and
+        ``optim.<param index>.<state key>`` (momentum, g RMS; INT8 carries and running |d|)."""
+        tensors = {MODEL + k: v for k, v in self.model.state_dict().items()}
+        for index, state in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"{OPTIM}{index}.{key}": value for key, value in state.items()})
         return tensors
 
+    def expected_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Name -> (dtype, shape) of ``state_tensors()``: what a checkpoint of this learner holds."""
+        return {name: (t.dtype, tuple(t.shape)) for name, t in self.state_tensors().items()}
+
     def state_meta(self) -> dict:
-        return {"steps": [g["step"] for g in self.optimizer.param_groups]}
+        """The optimiser's param groups (hyper-parameters, step counters) as JSON."""
+        return {"param_groups": self.optimizer.state_dict()["param_groups"]}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
-        from elasticzo.train.checkpoint import load_into_module
+        """Restore model and optimiser from a checkpoint; CheckpointError names what does not fit."""
+        from elasticzo.train.checkpoint import CheckpointError, load_into_module
 
-        load_into_module(self.model, tensors, path)
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        load_into_module(self.model, tensors, path, prefix=MODEL)
+        state: dict[int, dict] = {}
         for name, value in tensors.items():
-            if name.startswith("optim."):
-                _, index, key = name.split(".", 2)
-                param = params[int(index)]
-                self.optimizer.state[param][key] = value.to(param.device).clone()
-        for group, step in zip(self.optimizer.param_groups, meta["steps"]):
-            group["step"] = step
+            if name.startswith(OPTIM):
+                index, key = name[len(OPTIM):].split(".", 1)
+                state.setdefault(int(index), {})[key] = value
+        try:
+            self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        except (ValueError, KeyError, IndexError) as err:
+            raise CheckpointError(f"{path}: the optimiser state does not fit this run ({err})") from None
+
+
+def num_weight_layers(model: nn.Module) -> int:
+    """How many layers the split counts: parametrised float layers, or integer weight layers."""
+    from elasticzo.models.layers import parametrised_layers
+
+    weight_layers = getattr(model, "weight_layers", None)
+    return len(weight_layers()) if callable(weight_layers) else len(parametrised_layers(model))

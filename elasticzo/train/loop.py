@@ -29,6 +29,7 @@ from elasticzo.data import BatchLoader, is_point_dataset, load_dataset
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from elasticzo.train.events import EventLog, summary_writer_class
 from elasticzo.train.health import collapse_warning
+from elasticzo.train.learner import Learner
 
 CHECK_EVERY = 50  # steps between host syncs (finite-loss check, progress bar, seed-log buffer)
 CHECKPOINT = "checkpoint.safetensors"
@@ -57,14 +58,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_learner(config: TrainConfig, num_classes: int, device: torch.device):
-    if config.precision == "int8":
-        from elasticzo.int8.learner import IntLearner
-
-        return IntLearner(config, num_classes, device)
-    from elasticzo.train.learner import FloatLearner
-
-    return FloatLearner(config, num_classes, device)
+def make_learner(config: TrainConfig, num_classes: int, device: torch.device) -> Learner:
+    return Learner(config, num_classes, device)
 
 
 def train(config: TrainConfig, log=print) -> list[dict]:
@@ -103,7 +98,7 @@ def _train(config: TrainConfig, log) -> list[dict]:
         summary_writer_class()  # fail before the run dir is made, not after
     pos = _start(config, run_dir, learner)
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
-        f"bp_layers={getattr(learner, 'bp_layers', '-')} {config.precision} on {device}")
+        f"bp_layers={learner.bp_layers} {config.precision} on {device}")
     if config.resume and pos.epoch >= config.epochs:
         log(f"run {run_dir} is finished ({pos.epoch}/{config.epochs} epochs); nothing to train. "
             "To train on, resume with a larger --epochs.")
@@ -149,7 +144,7 @@ def _load_data(config: TrainConfig, device: torch.device) -> dict:
                             classes=config.classes, raw=int8, num_points=config.num_points, lift3d=config.points_3d)
         x = part.x
         if int8 and x.is_floating_point():
-            from elasticzo.int8.learner import quantize_points
+            from elasticzo.int8.inputs import quantize_points
 
             x = quantize_points(x)
         data["x" + key], data["y" + key], data["num_classes"] = x.to(device), part.y.to(device), part.num_classes

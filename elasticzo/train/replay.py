@@ -16,6 +16,7 @@ import torch
 
 from elasticzo.config import TrainConfig
 from elasticzo.train.checkpoint import load_checkpoint, save_checkpoint
+from elasticzo.train.finetune import PREFIX, _checkpoint_classes
 from elasticzo.train.inference import run_files
 from elasticzo.train.loop import make_learner
 
@@ -43,7 +44,9 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
     saved, meta = load_checkpoint(checkpoint)
     done = meta.get("position", {}).get("global_step", 0)
     records = _records(run_dir / "seeds.jsonl", done)
-    learner = make_learner(config, _num_classes(saved), torch.device("cpu"))
+    classes = _checkpoint_classes({k[len(PREFIX):]: v for k, v in saved.items() if k.startswith(PREFIX)},
+                                  config.model, checkpoint)
+    learner = make_learner(config, classes, torch.device("cpu"))
     if config.init:
         from elasticzo.train.finetune import init_from_checkpoint
 
@@ -76,16 +79,10 @@ def _steps_per_epoch(records: list[dict], run_dir: Path) -> int:
     return first
 
 
-def _num_classes(saved: dict[str, torch.Tensor]) -> int:
-    """Rows of the last weight tensor of the checkpoint: the head's class count."""
-    weights = [k for k in saved if k.startswith("model.") and k.endswith("weight")]
-    return int(saved[weights[-1]].shape[0])
-
-
 def _replay_float(learner, records: list[dict], total: int) -> dict[str, torch.Tensor]:
     from elasticzo.zo.replay import replay_zo
 
-    zo = learner.optimizer._group("zo")
+    zo = learner.optimizer.zo_group()
     if zo is None:
         return {}
     lrs = []
@@ -93,17 +90,26 @@ def _replay_float(learner, records: list[dict], total: int) -> dict[str, torch.T
         learner.set_progress(r["step"] / total)
         lrs.append(zo["lr"])
     replay_zo(learner.optimizer, records, lrs)
-    ids = {id(p) for p in zo["params"]}
-    return {f"model.{n}": p.detach().clone() for n, p in learner.model.named_parameters() if id(p) in ids}
+    return _zo_tensors(learner, zo)
 
 
 def _replay_int(learner, records: list[dict], total: int) -> dict[str, torch.Tensor]:
     opt = learner.optimizer
+    zo = opt.zo_group()
+    if zo is None:
+        return {}
     for r in records:
         learner.set_progress(r["step"] / total)
-        opt.step_count = r["step"]
-        opt._zo_update(torch.tensor(int(r["g"][0]), dtype=torch.int64))  # d, exact below 2**53
-    return {f"model.{i}.weight": layer.weight.clone() for i, layer in enumerate(opt.zo_layers)}
+        zo["step"] = r["step"]
+        opt.apply_zo_update(torch.tensor(int(r["g"][0]), dtype=torch.int64))  # d, exact below 2**53
+    return _zo_tensors(learner, zo)
+
+
+def _zo_tensors(learner, zo: dict) -> dict[str, torch.Tensor]:
+    """The ZO weights by checkpoint name (``model.<state_dict key>``)."""
+    ids = {id(p) for p in zo["params"]}
+    state = learner.model.state_dict(keep_vars=True)
+    return {PREFIX + k: v.detach().clone() for k, v in state.items() if id(v) in ids}
 
 
 def replay_main(run_dir: str, out: str | None = None, log=print) -> int:

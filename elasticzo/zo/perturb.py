@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from elasticzo.bench.memory import memory_tag
+from elasticzo.instrument import memory_tag
 from elasticzo.zo.noise import layer_noise
 
 def perturb(params: list[torch.Tensor], noise: list[torch.Tensor], scale: float) -> list[torch.Tensor]:

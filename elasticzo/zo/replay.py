@@ -8,13 +8,10 @@ initial seed plus one float per step.
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from elasticzo.models.layers import layer_params
 from elasticzo.optim.elastic import ElasticZO
 
 
-@torch.no_grad()
 def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> None:
     """Apply the logged ZO updates to the optimiser's ZO parameters.
 
@@ -22,7 +19,7 @@ def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> No
     ZO learning rate used at ``records[i]`` (the schedule is a pure function of the step).
     The optimiser must be built as in the run (same split, seed, queries, noise, weight decay).
     """
-    zo = optimizer._group("zo")
+    zo = optimizer.zo_group()
     if zo is None:
         raise ValueError("replay_zo: the optimiser has no ZO part (bp_layers = all)")
     if len(records) != len(lrs):
@@ -33,5 +30,5 @@ def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> No
             raise ValueError(f"replay_zo: step {record.get('step')} has no projected gradients in the log")
         zo["step"], zo["lr"] = record["step"], lr
         grads = [torch.tensor(g, dtype=dtype, device=device) for g in record["g"]]
-        optimizer._zo_update(zo, grads)
+        optimizer.apply_zo_update(grads)
     zo["step"] = records[-1]["step"] + 1 if records else zo["step"]
