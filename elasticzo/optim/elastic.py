@@ -1,48 +1,54 @@
-"""ElasticZO: zeroth-order SPSA for the early layers, backprop (SGD) for the last layers.
+"""ElasticZO: zeroth-order SPSA for the early layers, backprop (any torch.optim) for the last layers.
 
 One step on a mini-batch, for each query j = 1..q (seeds are a pure function of
 (seed, step, j, layer), so the run can be replayed from its seed log):
 
     L+_j = loss(theta_Z + eps z_j, theta_B)    backward through the BP layers only -> grad+
     L-_j = loss(theta_Z - eps z_j, theta_B)    backward through the BP layers only -> grad-
-    g_j  = clip((L+_j - L-_j) / (2 eps))        the projected gradient
-    theta_Z <- theta_Z (1 - lr_zo wd_zo) - sum_j (g_j lr_zo / q) z_j
-    theta_B <- SGD(theta_B, mean of the 2q BP gradients, lr_bp, momentum, weight_decay)
+    g_j  = clip((L+_j - L-_j) / (2 eps))        the projected gradient (/ its running RMS if normalize)
+    theta_Z <- theta_Z (1 - lr_zo wd_zo) - sum_j (g_j lr_zo / q) z_j      (per param group)
+    theta_B <- bp_optimizer step on the mean of the 2q BP gradients      (SGD by default)
 
 theta_Z is never written during the perturbed passes (see ``zo.perturb``), so after a step it is
 bit-exactly the update rule applied to the old value. ZO parameters have ``requires_grad=False``:
 the ZO part builds no autograd graph and stores no activations. ``bp_layers=0`` is vanilla ZO
-(MeZO without the in-place drift); all layers in BP is exactly ``torch.optim.SGD``.
+(MeZO without the in-place drift); all layers in BP is exactly the BP optimiser (``torch.optim.SGD``).
+The + and - passes of a query see the same dropout masks, and BatchNorm statistics update once
+per step (``optim.closure``). The split follows the forward order (``optim.split``).
 
 Example::
 
-    opt = ElasticZO.for_model(model, bp_layers=2, lr_zo=1e-3, lr_bp=0.05)
-    def closure(backward=True):
-        loss = F.cross_entropy(model(x), y)
-        if backward:
-            loss.backward()
-        return loss
-    loss = opt.step(closure)
+    opt = ElasticZO.for_model(model, bp_layers=2, example_input=x[:1])
+    print(opt.describe_split())
+    loss = opt.step(lambda: F.cross_entropy(model(x), y))   # the optimiser backpropagates the BP part
 """
 from __future__ import annotations
 
 import math
-from typing import Callable
+from contextlib import nullcontext
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
-from torch.optim.sgd import sgd
 
 from elasticzo.instrument import phase
-from elasticzo.models.layers import layer_params, split_layers
+from elasticzo.config import TrainConfig
+from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, forked_rng, frozen_statistics,
+                                     statistic_modules)
+from elasticzo.optim.split import BPSpec, Split, check_order, describe, run_order, split_model
 from elasticzo.zo.noise import NOISE_KINDS, derive_seed, layer_noise
-from elasticzo.zo.perturb import perturbed
+from elasticzo.zo.perturb import layer_entries, perturbed
 
-Closure = Callable[[bool], torch.Tensor]
 RMS_DECAY = 0.99
+NONFINITE = ("raise", "ignore")
+_CLI = TrainConfig()  # one set of defaults for Python and the CLI
 
 
-def _check(name: str, value: float, ok: bool, rule: str) -> None:
+class NonFiniteLoss(FloatingPointError):
+    """A pass of the step gave a NaN or infinite loss; no parameter was updated."""
+
+
+def _check(name: str, value, ok: bool, rule: str) -> None:
     if not ok:
         raise ValueError(f"invalid {name}={value!r}: must be {rule}")
 
@@ -53,52 +59,44 @@ def apply_direction(param: torch.Tensor, z: torch.Tensor, coef: torch.Tensor) ->
 
 
 class ElasticZO(torch.optim.Optimizer):
-    """Hybrid ZO/BP optimiser over an ordered list of ZO layers and BP layers.
+    """Hybrid ZO/BP optimiser over a model's parameters, split into a ZO part and a BP part.
 
     Args:
-        zo_layers: modules trained with SPSA (their parameters get ``requires_grad=False``).
-        bp_layers: modules trained with SGD on autograd gradients.
-        lr_zo, lr_bp: learning rates of the two parts.
-        eps: perturbation scale of SPSA.
-        queries: number q of random directions per step (the BP gradient averages all 2q passes).
-        noise: ``"gaussian"`` or ``"rademacher"`` directions.
-        grad_clip: bound on |g| of each projected gradient (``None``: unbounded). The projected
-            gradient of a network trained from scratch grows as training proceeds; the bound
-            keeps a step from blowing up. Non-finite g are always replaced by 0 (no update).
+        params: parameters or param groups, as for any ``torch.optim`` optimiser (parameters of
+            ``model`` left out are not trained). A group may set ``lr_zo`` and ``lr_bp`` (or ``lr``,
+            used for whichever part its parameters are in) and any option of the BP optimiser.
+        model: the module the parameters belong to (the ZO part perturbs through its modules).
+        bp_layers: the last k layers in forward order train with BP (0: vanilla ZO); or
+        bp: the BP part named explicitly: modules, parameter or module names, or a predicate
+            ``(name, parameter) -> bool`` (see ``optim.split``).
+        example_input: a sample batch; the split is traced from a forward pass on it. Without it
+            the split is in registration order, checked against the forward at the first step.
+        bp_optimizer: ``callable(param_groups) -> torch.optim.Optimizer`` for the BP part, e.g.
+            ``torch.optim.AdamW``; default ``SGD(lr_bp, momentum, dampening, weight_decay, nesterov)``.
+        lr_zo, lr_bp: learning rates of the two parts (lr_zo default: 3e-4 for vanilla ZO, 1e-3
+            with a BP part, as in the CLI).
+        eps, queries, noise: SPSA perturbation scale, directions per step, ``gaussian``/``rademacher``.
+        grad_clip: bound on |g| of each projected gradient (``None``: unbounded).
         normalize: divide each g by the running RMS of past g (decay 0.99, bias-corrected), so the
-            ZO step has a fixed size in parameter space whatever the scale of the loss; this
-            breaks the feedback loop (larger weights -> larger g -> larger steps) that makes
-            plain SPSA diverge late in training. lr_zo then means lr per unit-RMS direction.
-        zo_weight_decay: decoupled weight decay on the ZO part; counters the random-walk growth
-            of the weights that SPSA noise causes.
-        momentum, weight_decay, dampening, nesterov: ``torch.optim.SGD`` options of the BP part.
-        bp_grad: ``"mean"`` averages the gradients of the + and - passes, ``"plus"`` keeps only
-            the + passes (half the backward work).
-        seed: run seed; the directions of step t, query j, layer i come from
-            ``derive_seed(seed, t, j, i)``.
+            ZO step has a fixed size in parameter space whatever the scale of the loss.
+        zo_weight_decay: decoupled weight decay on the ZO part.
+        bp_grad: ``"mean"`` averages the BP gradients of the + and - passes, ``"plus"`` keeps the + passes.
+        nonfinite: ``"raise"``: a NaN/inf loss raises ``NonFiniteLoss`` before any update (one host
+            sync per step); ``"ignore"``: no sync, a non-finite g counts as 0 (no ZO update).
+        seed: run seed; the directions of step t, query j, layer i come from ``derive_seed(seed, t, j, i)``.
     """
 
-    def __init__(
-        self,
-        zo_layers: list[nn.Module],
-        bp_layers: list[nn.Module],
-        *,
-        lr_zo: float = 1e-3,
-        lr_bp: float = 0.05,
-        eps: float = 1e-3,
-        queries: int = 1,
-        noise: str = "gaussian",
-        grad_clip: float | None = 100.0,
-        normalize: bool = False,
-        zo_weight_decay: float = 0.0,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        bp_grad: str = "mean",
-        seed: int = 0,
-    ):
-        _check("lr_zo", lr_zo, lr_zo >= 0, ">= 0")
+    def __init__(self, params: Iterable, model: nn.Module | None = None, *, bp_layers: int | None = None,
+                 bp: BPSpec | None = None, example_input=None, bp_optimizer: Callable | None = None,
+                 lr_zo: float | None = None, lr_bp: float = _CLI.lr_bp, eps: float = _CLI.eps,
+                 queries: int = _CLI.queries, noise: str = _CLI.noise, grad_clip: float | None = _CLI.grad_clip,
+                 normalize: bool = _CLI.normalize, zo_weight_decay: float = _CLI.zo_weight_decay,
+                 momentum: float = _CLI.momentum, weight_decay: float = _CLI.weight_decay, dampening: float = 0.0,
+                 nesterov: bool = False, bp_grad: str = _CLI.bp_grad, nonfinite: str = "raise", seed: int = _CLI.seed):
+        if model is None:
+            raise ValueError("ElasticZO needs model=<the nn.Module the parameters belong to>: the ZO part perturbs "
+                             "through its modules (or use ElasticZO.for_model(model, bp_layers))")
+        _check("lr_zo", lr_zo, lr_zo is None or lr_zo >= 0, ">= 0")
         _check("lr_bp", lr_bp, lr_bp >= 0, ">= 0")
         _check("eps", eps, eps > 0 and math.isfinite(eps), "a finite number > 0")
         _check("queries", queries, isinstance(queries, int) and queries >= 1, "an integer >= 1")
@@ -108,42 +106,81 @@ class ElasticZO(torch.optim.Optimizer):
         _check("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
         _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
         _check("bp_grad", bp_grad, bp_grad in ("mean", "plus"), "'mean' or 'plus'")
+        _check("nonfinite", nonfinite, nonfinite in NONFINITE, f"one of {NONFINITE}")
         _check("nesterov", nesterov, not nesterov or (momentum > 0 and dampening == 0),
                "False unless momentum > 0 and dampening == 0")
-        zo_params, bp_params = layer_params(zo_layers), layer_params(bp_layers)
-        if not zo_params and not bp_params:
+        self.model, self.nonfinite = model, nonfinite
+        self.split: Split = split_model(model, bp_layers, bp, example_input)
+        self._order_checked = self.split.traced
+        zo_ids = {id(p) for u in self.split.zo for p in u.params()}
+        bp_ids = {id(p) for u in self.split.bp for p in u.params()}
+        if lr_zo is None:
+            lr_zo = _CLI.zo_learning_rate() if bp_ids else TrainConfig(method="zo").zo_learning_rate()
+        zo_opts = dict(eps=eps, queries=queries, noise=noise, grad_clip=grad_clip, normalize=normalize,
+                       weight_decay=zo_weight_decay, seed=seed, bp_grad=bp_grad, step=0)
+        zo_groups, bp_groups = _partition(params, zo_ids, bp_ids, lr_zo, lr_bp, zo_opts)
+        if not zo_groups and not bp_groups:
             raise ValueError("ElasticZO got no parameters: both the ZO and the BP part are empty")
-        groups = []
-        if zo_params:
-            groups.append(dict(params=zo_params, part="zo", lr=lr_zo, eps=eps, queries=queries, noise=noise,
-                               grad_clip=grad_clip, normalize=normalize, weight_decay=zo_weight_decay, seed=seed, step=0))
-        if bp_params:
-            groups.append(dict(params=bp_params, part="bp", lr=lr_bp, momentum=momentum, weight_decay=weight_decay,
-                               dampening=dampening, nesterov=nesterov, bp_grad=bp_grad, step=0))
-        super().__init__(groups, defaults={})
-        for p in zo_params:
-            p.requires_grad_(False)  # the ZO part builds no graph and stores nothing for backward
-        for p in bp_params:
-            p.requires_grad_(True)
-        self.zo_layers = list(zo_layers)
+        if bp_optimizer is None:
+            bp_optimizer = lambda groups: torch.optim.SGD(groups, lr=lr_bp, momentum=momentum, dampening=dampening,
+                                                          weight_decay=weight_decay, nesterov=nesterov)
+        self.bp_optimizer = bp_optimizer(bp_groups) if bp_groups else None
+        defaults = dict(self.bp_optimizer.defaults) if self.bp_optimizer else {}
+        if "betas" not in defaults:
+            defaults.setdefault("momentum", momentum)  # what schedulers that cycle momentum (OneCycleLR) look for
+        super().__init__(zo_groups + bp_groups, defaults=defaults)
+        self._link_bp_optimizer()
+        self._freeze(model, zo_ids, bp_ids)
+        self.zo_layers = self.split.zo  # units: a module and the parameters its forward reads
+        self._zo_group_of = {id(p): g for g in self.param_groups if g["part"] == "zo" for p in g["params"]}
+        self._stats = statistic_modules(model)
+        self._rng_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         self.last_projected_grads: torch.Tensor | None = None  # [q] of the last step, on device
 
     @classmethod
-    def for_model(cls, model: nn.Module, bp_layers: int, **options) -> "ElasticZO":
-        """The optimiser for ``model`` with its last ``bp_layers`` parametrised layers in BP."""
-        zo_layers, bp = split_layers(model, bp_layers)
-        return cls(zo_layers, bp, **options)
+    def for_model(cls, model: nn.Module, bp_layers: int | None = None, **options) -> "ElasticZO":
+        """The optimiser for all of ``model``'s parameters with its last ``bp_layers`` layers in BP
+        (or ``bp=`` naming the BP part); pass ``example_input=`` to trace the forward order."""
+        if bp_layers is None and options.get("bp") is None:
+            raise ValueError("ElasticZO.for_model: give bp_layers=k (the last k layers train with BP) or bp=...")
+        return cls(model.parameters(), model, bp_layers=bp_layers, **options)
+
+    def describe_split(self) -> str:
+        """The ZO and BP parts: modules, parameter counts and memory."""
+        state = 2 if self.bp_optimizer is not None and "betas" in self.bp_optimizer.defaults else \
+            int(bool(self.bp_optimizer and self.bp_optimizer.defaults.get("momentum")))
+        return describe(self.model, self.split, state)
+
+    def _link_bp_optimizer(self) -> None:
+        """The BP optimiser shares this optimiser's state and group dicts, so that state_dict,
+        schedulers and checkpoints see one optimiser."""
+        if self.bp_optimizer is not None:
+            self.bp_optimizer.state = self.state
+            self.bp_optimizer.param_groups = [g for g in self.param_groups if g["part"] == "bp"]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._link_bp_optimizer()
+        self._zo_group_of = {id(p): g for g in self.param_groups if g["part"] == "zo" for p in g["params"]}
+
+    @staticmethod
+    def _freeze(model: nn.Module, zo_ids: set[int], bp_ids: set[int]) -> None:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in bp_ids)  # ZO and unused parameters build no graph and collect no .grad
 
     def _group(self, part: str) -> dict | None:
         return next((g for g in self.param_groups if g["part"] == part), None)
 
+    def _groups(self, part: str) -> list[dict]:
+        return [g for g in self.param_groups if g["part"] == part]
+
     def zo_group(self) -> dict | None:
-        """The ZO parameter group (its hyper-parameters and ``step``); None when every layer is in BP."""
+        """The first ZO parameter group (the estimator's settings and ``step``); None when every layer is in BP."""
         return self._group("zo")
 
     @torch.no_grad()
     def apply_zo_update(self, grads: list[torch.Tensor]) -> None:
-        """The ZO update for projected gradients ``grads`` (one per query) at the ZO group's current
+        """The ZO update for projected gradients ``grads`` (one per query) at the ZO groups' current
         ``step`` and ``lr``: what ``step`` applies after its passes, and what a replay repeats."""
         zo = self.zo_group()
         if zo is None:
@@ -153,52 +190,61 @@ class ElasticZO(torch.optim.Optimizer):
         self._zo_update(zo, grads)
 
     @torch.no_grad()
-    def step(self, closure: Closure) -> torch.Tensor:  # type: ignore[override]
-        """One ElasticZO step; returns the mean loss over all passes (a 0-dim tensor, no host sync)."""
+    def step(self, closure: Callable | None = None) -> torch.Tensor:  # type: ignore[override]
+        """One ElasticZO step; returns the mean loss over all passes (a 0-dim tensor)."""
         if closure is None:
-            raise ValueError("ElasticZO.step needs a closure(backward: bool) that returns the loss")
-        zo, bp = self._group("zo"), self._group("bp")
-        if bp is not None:
-            for p in bp["params"]:
-                p.grad = None
-        if zo is None:
-            loss = self._evaluate(closure, backward=True)
-        else:
-            loss = self._zo_step(zo, closure, backward=bp is not None)
-        if bp is not None:
-            self._bp_update(bp, passes=1 if zo is None else self._bp_passes(zo, bp))
-            bp["step"] += 1
-        return loss
+            raise ValueError("ElasticZO.step needs a closure that computes the loss on the batch, e.g. "
+                             "opt.step(lambda: F.cross_entropy(model(x), y)); it runs once per +- perturbation")
+        zo, bps = self._group("zo"), self._groups("bp")
+        bp_params = [p for g in bps for p in g["params"]]
+        grads: list[torch.Tensor | None] = [None] * len(bp_params)
+        with run_order(self.model) if not self._order_checked else nullcontext([]) as ran:
+            if zo is None:
+                with phase("forward_backward"):
+                    losses = [collect_pass(closure, True, bp_params, grads)]
+            else:
+                losses = self._zo_passes(zo, closure, bp_params, grads)
+        if not self._order_checked:  # first step of a split in registration order: check the forward agrees
+            check_order(self.split, ran)
+            self._order_checked = True
+        self._check_finite(losses)
+        if zo is not None:
+            self._zo_apply(zo, losses)
+        if bps:
+            self._bp_update(bps, bp_params, grads, passes=1 if zo is None else len(losses) // (2 if zo["bp_grad"] == "plus" else 1))
+        return torch.stack(losses).mean()
 
-    @staticmethod
-    def _bp_passes(zo: dict, bp: dict) -> int:
-        return zo["queries"] * (2 if bp["bp_grad"] == "mean" else 1)
-
-    def _evaluate(self, closure: Closure, backward: bool) -> torch.Tensor:
-        with torch.enable_grad(), phase("forward_backward" if backward else "forward"):
-            return closure(backward).detach()
-
-    def _zo_step(self, zo: dict, closure: Closure, backward: bool) -> torch.Tensor:
-        """Evaluate the 2q perturbed losses, then apply the ZO update; returns the mean loss."""
-        eps, q, kind, t = zo["eps"], zo["queries"], zo["noise"], zo["step"]
-        bp_plus_only = backward and self._group("bp")["bp_grad"] == "plus"
-        grads, losses = [], []
-        for j in range(q):
+    def _zo_passes(self, zo: dict, closure: Callable, bp_params: list, grads: list) -> list[torch.Tensor]:
+        """The 2q perturbed losses [L+_0, L-_0, L+_1, ...]; BP gradients summed into ``grads``."""
+        eps, kind, t = zo["eps"], zo["noise"], zo["step"]
+        backward, plus_only = bool(bp_params), zo["bp_grad"] == "plus"
+        losses = []
+        for j in range(zo["queries"]):
             seeds = lambda i, j=j: derive_seed(zo["seed"], t, j, i)
-            with perturbed(self.zo_layers, seeds, eps, kind):
-                loss_plus = self._evaluate(closure, backward)
-            with perturbed(self.zo_layers, seeds, -eps, kind):
-                loss_minus = self._evaluate(closure, backward and not bp_plus_only)
-            grads.append(self._projected_grad(loss_plus, loss_minus, zo))
-            losses += [loss_plus, loss_minus]
+            for sign in (1, -1):
+                with forked_rng(derive_seed(zo["seed"], t, j, DROPOUT_STREAM), self._rng_devices), \
+                        frozen_statistics(self._stats, frozen=bool(losses)), \
+                        perturbed(self.zo_layers, seeds, sign * eps, kind), \
+                        phase("forward_backward" if backward else "forward"):
+                    losses.append(collect_pass(closure, backward and (sign > 0 or not plus_only), bp_params, grads))
+        return losses
+
+    def _check_finite(self, losses: list[torch.Tensor]) -> None:
+        if self.nonfinite == "raise" and not bool(torch.isfinite(torch.stack(losses)).all()):
+            step = self.param_groups[0]["step"]
+            raise NonFiniteLoss(f"ElasticZO step {step}: the loss is not finite ({[float(x) for x in losses]}); no "
+                                "parameter was updated. Lower lr_zo/lr_bp or eps, or pass nonfinite='ignore' to skip such ZO steps")
+
+    def _zo_apply(self, zo: dict, losses: list[torch.Tensor]) -> None:
+        grads = [self._projected_grad(losses[2 * j], losses[2 * j + 1], zo) for j in range(zo["queries"])]
         self.last_projected_grads = torch.stack(grads)
         with phase("update"):
             self._zo_update(zo, grads)
-        zo["step"] += 1
-        return torch.stack(losses).mean()
+        for g in self._groups("zo"):
+            g["step"] += 1
 
     def _projected_grad(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, zo: dict) -> torch.Tensor:
-        g = (loss_plus - loss_minus) / (2 * zo["eps"])
+        g = (loss_plus.float() - loss_minus.float()) / (2 * zo["eps"])
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # a NaN/inf pass must not poison theta
         if zo["grad_clip"] is not None:
             g = g.clamp(-zo["grad_clip"], zo["grad_clip"])
@@ -218,29 +264,53 @@ class ElasticZO(torch.optim.Optimizer):
         return corrected.sqrt().clamp_min(1e-12)
 
     def _zo_update(self, zo: dict, grads: list[torch.Tensor]) -> None:
-        """theta <- theta (1 - lr wd) + sum_j (-g_j lr / q) z_j, regenerating each z_j from its seed."""
-        lr, q = zo["lr"], zo["queries"]
-        if zo["weight_decay"]:
-            torch._foreach_mul_(zo["params"], 1 - lr * zo["weight_decay"])
+        """theta <- theta (1 - lr wd) + sum_j (-g_j lr / q) z_j per ZO group, regenerating each z_j from its seed."""
+        q = zo["queries"]
+        for group in self._groups("zo"):
+            if group["weight_decay"]:
+                torch._foreach_mul_(group["params"], 1 - group["lr"] * group["weight_decay"])
         for j, g in enumerate(grads):
-            coef = g * (-lr / q)  # 0-dim tensor: no host sync
+            coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
             for i, layer in enumerate(self.zo_layers):
-                params = [p for p in layer.parameters(recurse=False)]
+                _, entries = layer_entries(layer)
+                params = [owner._parameters[name] for owner, name in entries]
                 with phase("noise"):
                     noise = layer_noise(params, derive_seed(zo["seed"], zo["step"], j, i), zo["noise"])
                 for p, z in zip(params, noise):
-                    apply_direction(p, z, coef)
+                    apply_direction(p, z, coefs[id(self._zo_group_of[id(p)])])
 
-    def _bp_update(self, bp: dict, passes: int) -> None:
-        """SGD on the BP part with the mean gradient of the passes, as ``torch.optim.SGD`` does it."""
-        params = [p for p in bp["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        if passes > 1:
-            torch._foreach_div_(grads, passes)
-        buffers = [self.state[p].get("momentum_buffer") for p in params]
+    def _bp_update(self, groups: list[dict], params: list, grads: list, passes: int) -> None:
+        """The BP optimiser's step on the mean gradient of the passes."""
+        for p, grad in zip(params, grads):
+            p.grad = grad
+        present = [g for g in grads if g is not None]
+        if passes > 1 and present:
+            torch._foreach_div_(present, passes)
         with phase("update"):
-            sgd(params, grads, buffers, weight_decay=bp["weight_decay"], momentum=bp["momentum"], lr=bp["lr"],
-                dampening=bp["dampening"], nesterov=bp["nesterov"], maximize=False, foreach=None, fused=None)
-        if bp["momentum"] != 0:
-            for p, buffer in zip(params, buffers):
-                self.state[p]["momentum_buffer"] = buffer
+            self.bp_optimizer.step()
+        for g in groups:
+            g["step"] += 1
+
+
+def _partition(params: Iterable, zo_ids: set[int], bp_ids: set[int], lr_zo: float, lr_bp: float,
+               zo_opts: dict) -> tuple[list[dict], list[dict]]:
+    """Split the user's params/groups into ZO groups and BP groups (each user group gives at most one of each)."""
+    params = list(params)
+    if not params:
+        raise ValueError("ElasticZO got an empty parameter list")
+    user_groups = params if isinstance(params[0], dict) else [{"params": params}]
+    zo_groups, bp_groups = [], []
+    for i, user in enumerate(user_groups):
+        if not isinstance(user, dict) or "params" not in user:
+            raise TypeError(f"ElasticZO: param group {i} must be a dict with 'params', got {type(user).__name__}")
+        members = [user["params"]] if isinstance(user["params"], torch.Tensor) else list(user["params"])
+        extra = {k: v for k, v in user.items() if k not in ("params", "lr", "lr_zo", "lr_bp", "zo_weight_decay")}
+        zo = [p for p in members if id(p) in zo_ids]
+        bp = [p for p in members if id(p) in bp_ids]
+        if zo:
+            zo_groups.append(dict(zo_opts, params=zo, part="zo", lr=user.get("lr_zo", user.get("lr", lr_zo)),
+                                  weight_decay=user.get("zo_weight_decay", zo_opts["weight_decay"])))
+        if bp:
+            bp_groups.append(dict(extra, params=bp, part="bp", lr=user.get("lr_bp", user.get("lr", lr_bp)),
+                                  bp_grad=zo_opts["bp_grad"], step=0))
+    return zo_groups, bp_groups

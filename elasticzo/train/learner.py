@@ -81,7 +81,8 @@ def build_optimizer(config: TrainConfig, model: nn.Module, bp_layers: int) -> to
         model, bp_layers, lr_zo=config.zo_learning_rate(), lr_bp=config.lr_bp, eps=config.eps,
         queries=config.queries, noise=config.noise, grad_clip=config.grad_clip or None, normalize=config.normalize,
         zo_weight_decay=config.zo_weight_decay, momentum=config.momentum, weight_decay=config.weight_decay,
-        bp_grad=config.bp_grad, seed=config.seed)
+        bp_grad=config.bp_grad, seed=config.seed,
+        nonfinite="ignore")  # the loop checks the loss every CHECK_EVERY steps, without a host sync per step
 
 
 class Learner:

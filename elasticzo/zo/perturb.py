@@ -10,6 +10,10 @@ The hooks are installed once per layer, on first use, and stay: outside a ``pert
 they return at once (one context-variable read), so evaluation and user code see the plain
 layer. Installing them once instead of per pass takes about 20 handle creations and removals off
 every step. A layer must run once per forward (no weight sharing inside the ZO part).
+
+A layer is an ``nn.Module`` (its own parameters are perturbed) or a unit of
+``optim.split`` (a module and the parameters, possibly of never-running descendants such as
+``MultiheadAttention.out_proj``, that its forward reads): the hooks of the module swap them all.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ def perturb(params: list[torch.Tensor], noise: list[torch.Tensor], scale: float)
 @dataclass
 class _Perturbation:
     """What the hooks do while a ``perturbed`` block is active."""
-    index: dict[int, int]  # id(layer) -> its position in the ZO part
+    index: dict[int, tuple[int, list]]  # id(module) -> (its position in the ZO part, its (owner, name) entries)
     layer_seeds: Callable[[int], int]
     scale: float
     kind: str
@@ -48,10 +52,13 @@ _HOOKED = "_elasticzo_perturb_hooks"
 @contextmanager
 def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str) -> Iterator[None]:
     """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i)."""
-    for layer in layers:
-        if not hasattr(layer, _HOOKED):
-            setattr(layer, _HOOKED, (layer.register_forward_pre_hook(_swap_in), layer.register_forward_hook(_swap_out)))
-    spec = _Perturbation({id(layer): i for i, layer in enumerate(layers)}, layer_seeds, scale, kind)
+    index = {}
+    for i, layer in enumerate(layers):
+        module, entries = layer_entries(layer)
+        if not hasattr(module, _HOOKED):
+            setattr(module, _HOOKED, (module.register_forward_pre_hook(_swap_in), module.register_forward_hook(_swap_out)))
+        index[id(module)] = (i, entries)
+    spec = _Perturbation(index, layer_seeds, scale, kind)
     token = _active.set(spec)
     try:
         yield
@@ -60,26 +67,35 @@ def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale:
         _restore(spec.swapped)  # a forward that raised half-way must not leave perturbed weights behind
 
 
+def layer_entries(layer) -> tuple[nn.Module, list[tuple[nn.Module, str]]]:
+    """(module whose hooks act, [(owner, parameter name)]) of a module or an ``optim.split.Unit``."""
+    if isinstance(layer, nn.Module):
+        return layer, [(layer, n) for n, p in layer._parameters.items() if p is not None]
+    return layer.module, list(layer.entries)
+
+
 def _swap_in(module: nn.Module, args) -> None:
     spec = _active.get()
-    index = None if spec is None else spec.index.get(id(module))
-    if index is None:
+    found = None if spec is None else spec.index.get(id(module))
+    if found is None:
         return
-    names = [n for n, p in module._parameters.items() if p is not None]
-    params = [module._parameters[n] for n in names]
+    index, entries = found
+    params = [owner._parameters[name] for owner, name in entries]
     with memory_tag("zo_noise"):
         noisy = perturb(params, layer_noise(params, spec.layer_seeds(index), spec.kind), spec.scale)
-    for name, param, value in zip(names, params, noisy):
-        spec.swapped[(module, name)] = param
-        module._parameters[name] = value  # plain tensor: read by the layer's forward via getattr
+    for (owner, name), param, value in zip(entries, params, noisy):
+        spec.swapped[(owner, name)] = param
+        owner._parameters[name] = value  # plain tensor: read by the forward via getattr
 
 
 def _swap_out(module: nn.Module, args, output) -> None:
     spec = _active.get()
-    if spec is None or id(module) not in spec.index:
+    found = None if spec is None else spec.index.get(id(module))
+    if found is None:
         return
-    for name in [n for (m, n) in spec.swapped if m is module]:
-        module._parameters[name] = spec.swapped.pop((module, name))
+    for key in found[1]:
+        if key in spec.swapped:
+            key[0]._parameters[key[1]] = spec.swapped.pop(key)
 
 
 def _restore(swapped: dict) -> None:

@@ -16,7 +16,8 @@ def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> No
     """Apply the logged ZO updates to the optimiser's ZO parameters.
 
     ``records`` are the lines of ``seeds.jsonl`` (each with ``step`` and ``g``), ``lrs[i]`` the
-    ZO learning rate used at ``records[i]`` (the schedule is a pure function of the step).
+    ZO learning rate used at ``records[i]`` (the schedule is a pure function of the step): one
+    float for every ZO param group, or a list with one per group.
     The optimiser must be built as in the run (same split, seed, queries, noise, weight decay).
     """
     zo = optimizer.zo_group()
@@ -25,10 +26,13 @@ def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> No
     if len(records) != len(lrs):
         raise ValueError(f"replay_zo: {len(records)} log records but {len(lrs)} learning rates")
     device, dtype = zo["params"][0].device, zo["params"][0].dtype
+    groups = [g for g in optimizer.param_groups if g["part"] == "zo"]
     for record, lr in zip(records, lrs):
         if record.get("g") is None:
             raise ValueError(f"replay_zo: step {record.get('step')} has no projected gradients in the log")
-        zo["step"], zo["lr"] = record["step"], lr
+        for group, group_lr in zip(groups, lr if isinstance(lr, (list, tuple)) else [lr] * len(groups)):
+            group["step"], group["lr"] = record["step"], group_lr
         grads = [torch.tensor(g, dtype=dtype, device=device) for g in record["g"]]
         optimizer.apply_zo_update(grads)
-    zo["step"] = records[-1]["step"] + 1 if records else zo["step"]
+    for group in groups:
+        group["step"] = records[-1]["step"] + 1 if records else group["step"]

@@ -1,0 +1,113 @@
+"""One pass of the user's closure inside an ElasticZO step, and the mistakes it can make.
+
+A step evaluates the closure 2q times (the + and - pass of each query). Each pass:
+
+- sees the same randomness in its + and - pass (dropout masks): the global RNG is forked and
+  seeded from (run seed, step, query) for both, so the two losses differ only by the
+  perturbation and a run replays exactly; the caller's RNG state is given back afterwards;
+- updates BatchNorm running statistics only in the first pass of the step (the + pass of query
+  0): the other passes run with the statistics saved and restored, so a step counts as one
+  batch, as in plain training;
+- gets the BP part's gradient of this pass alone: gradients are collected by the optimiser,
+  so a closure that calls ``zero_grad()`` or ``backward()`` itself, or neither, gives the same
+  update. If the closure did not backpropagate, the optimiser calls ``loss.backward()``.
+
+A closure may take a ``backward`` flag (``closure(backward)``: backpropagate when it is True) or
+no argument (``closure()``, the ``torch.optim`` convention).
+"""
+from __future__ import annotations
+
+import inspect
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+DROPOUT_STREAM = 1 << 20  # the "layer" index of derive_seed reserved for the forward's own randomness
+
+
+def takes_backward(closure: Callable) -> bool:
+    """True if ``closure`` accepts one positional argument (the backward flag)."""
+    try:
+        params = list(inspect.signature(closure).parameters.values())
+    except (TypeError, ValueError):
+        return True  # a builtin or C callable: assume the documented closure(backward) form
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL)]
+    return bool(positional)
+
+
+@contextmanager
+def forked_rng(seed: int, devices: list[int]) -> Iterator[None]:
+    """Run a block with the global RNG (CPU and ``devices``) seeded by ``seed``, then restore it."""
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextmanager
+def frozen_statistics(modules: list[nn.Module], frozen: bool) -> Iterator[None]:
+    """If ``frozen``: the running statistics of ``modules`` (BatchNorm) are the same after the block."""
+    saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)] if frozen else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def statistic_modules(model: nn.Module | None) -> list[nn.Module]:
+    """The modules whose running statistics a forward pass in training mode updates."""
+    if model is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def as_loss(value, needs_grad: bool) -> torch.Tensor:
+    """The closure's return value as a 0-dim loss, or an error that says what to change."""
+    if isinstance(value, (int, float)) and not needs_grad:
+        return torch.tensor(float(value))
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"ElasticZO: the closure returned {type(value).__name__} {value!r}; it must return the loss "
+                        "tensor (return loss, not loss.item())" + (", so that the BP part can backpropagate" if needs_grad else ""))
+    if value.numel() != 1:
+        raise ValueError(f"ElasticZO: the closure returned a loss of shape {tuple(value.shape)}; "
+                         "return one number (reduce it, e.g. loss.mean())")
+    return value.reshape(())
+
+
+def _call(closure: Callable, backward: bool):
+    if takes_backward(closure):
+        return closure(backward)
+    try:
+        return closure()
+    except RuntimeError as error:
+        if "does not require grad" not in str(error) or backward:
+            raise
+        raise RuntimeError("ElasticZO: the closure called backward() on a loss with no graph: nothing in this pass "
+                           "trains with BP (vanilla ZO). Drop loss.backward() from the closure, or write "
+                           "closure(backward) and call loss.backward() only when backward is True") from error
+
+
+def collect_pass(closure: Callable, backward: bool, bp_params: list[torch.Tensor],
+                 grads: list[torch.Tensor | None]) -> torch.Tensor:
+    """Run one pass; add this pass's BP gradients into ``grads`` (if ``backward``); return the loss."""
+    for p in bp_params:
+        p.grad = None
+    with torch.enable_grad():
+        value = _call(closure, backward)
+        loss = as_loss(value, needs_grad=backward)
+        if backward and all(p.grad is None for p in bp_params):
+            if not loss.requires_grad:
+                raise RuntimeError(
+                    "ElasticZO: the closure's loss does not require grad, so the BP part cannot learn: compute the "
+                    "loss with autograd on (not under torch.no_grad()) and return it, not loss.detach() or loss.item()")
+            loss.backward()
+    if backward:
+        for i, p in enumerate(bp_params):
+            if p.grad is not None:
+                grads[i] = p.grad if grads[i] is None else grads[i].add_(p.grad)
+    for p in bp_params:
+        p.grad = None
+    return loss.detach()
