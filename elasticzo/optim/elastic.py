@@ -35,7 +35,7 @@ from elasticzo.instrument import phase
 from elasticzo.config import TrainConfig
 from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, forked_rng, frozen_statistics,
                                      statistic_modules)
-from elasticzo.optim.split import BPSpec, Split, check_order, describe, run_order, split_model
+from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
 from elasticzo.zo.noise import NOISE_KINDS, derive_seed, layer_noise
 from elasticzo.zo.perturb import layer_entries, perturbed
 
@@ -72,7 +72,9 @@ class ElasticZO(torch.optim.Optimizer):
         example_input: a sample batch; the split is traced from a forward pass on it. Without it
             the split is in registration order, checked against the forward at the first step.
         bp_optimizer: ``callable(param_groups) -> torch.optim.Optimizer`` for the BP part, e.g.
-            ``torch.optim.AdamW``; default ``SGD(lr_bp, momentum, dampening, weight_decay, nesterov)``.
+            ``torch.optim.AdamW`` or ``lambda groups: torch.optim.Adam(groups, lr=1e-3)`` (its own
+            lr applies unless a group sets ``lr_bp``); default ``SGD(lr_bp, momentum, dampening,
+            weight_decay, nesterov)``.
         lr_zo, lr_bp: learning rates of the two parts (lr_zo default: 3e-4 for vanilla ZO, 1e-3
             with a BP part, as in the CLI).
         eps, queries, noise: SPSA perturbation scale, directions per step, ``gaussian``/``rademacher``.
@@ -112,13 +114,15 @@ class ElasticZO(torch.optim.Optimizer):
         self.model, self.nonfinite = model, nonfinite
         self.split: Split = split_model(model, bp_layers, bp, example_input)
         self._order_checked = self.split.traced
+        groups = _as_groups(params)
+        self._keep_only({id(p) for g in groups for p in g["params"]})
         zo_ids = {id(p) for u in self.split.zo for p in u.params()}
         bp_ids = {id(p) for u in self.split.bp for p in u.params()}
         if lr_zo is None:
             lr_zo = _CLI.zo_learning_rate() if bp_ids else TrainConfig(method="zo").zo_learning_rate()
         zo_opts = dict(eps=eps, queries=queries, noise=noise, grad_clip=grad_clip, normalize=normalize,
                        weight_decay=zo_weight_decay, seed=seed, bp_grad=bp_grad, step=0)
-        zo_groups, bp_groups = _partition(params, zo_ids, bp_ids, lr_zo, lr_bp, zo_opts)
+        zo_groups, bp_groups = _partition(groups, zo_ids, bp_ids, lr_zo, zo_opts)
         if not zo_groups and not bp_groups:
             raise ValueError("ElasticZO got no parameters: both the ZO and the BP part are empty")
         if bp_optimizer is None:
@@ -144,6 +148,15 @@ class ElasticZO(torch.optim.Optimizer):
         if bp_layers is None and options.get("bp") is None:
             raise ValueError("ElasticZO.for_model: give bp_layers=k (the last k layers train with BP) or bp=...")
         return cls(model.parameters(), model, bp_layers=bp_layers, **options)
+
+    def _keep_only(self, given: set[int]) -> None:
+        """Parameters of the model not given to the optimiser are in neither part."""
+        for part in ("zo", "bp"):
+            units = [Unit(u.name, u.module, [e for e, p in zip(u.entries, u.params()) if id(p) in given])
+                     for u in getattr(self.split, part)]
+            setattr(self.split, part, [u for u in units if u.entries])
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.split.unused += [n for i, n in names.items() if i not in given and n not in self.split.unused]
 
     def describe_split(self) -> str:
         """The ZO and BP parts: modules, parameter counts and memory."""
@@ -292,25 +305,37 @@ class ElasticZO(torch.optim.Optimizer):
             g["step"] += 1
 
 
-def _partition(params: Iterable, zo_ids: set[int], bp_ids: set[int], lr_zo: float, lr_bp: float,
-               zo_opts: dict) -> tuple[list[dict], list[dict]]:
-    """Split the user's params/groups into ZO groups and BP groups (each user group gives at most one of each)."""
+def _as_groups(params: Iterable) -> list[dict]:
+    """The user's parameters or param groups as a list of groups with list-valued 'params'."""
     params = list(params)
     if not params:
         raise ValueError("ElasticZO got an empty parameter list")
-    user_groups = params if isinstance(params[0], dict) else [{"params": params}]
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict) or "params" not in group:
+            raise TypeError(f"ElasticZO: param group {i} must be a dict with 'params', got {type(group).__name__}")
+        members = group["params"]
+        out.append(dict(group, params=[members] if isinstance(members, torch.Tensor) else list(members)))
+    return out
+
+
+def _partition(groups: list[dict], zo_ids: set[int], bp_ids: set[int], lr_zo: float,
+               zo_opts: dict) -> tuple[list[dict], list[dict]]:
+    """Split the user's groups into ZO groups and BP groups (each user group gives at most one of each).
+
+    A ZO group's lr is the group's ``lr_zo`` (or ``lr``), else ``lr_zo``; a BP group's is its
+    ``lr_bp`` (or ``lr``), else the BP optimiser's own default (``lr_bp`` for the default SGD)."""
     zo_groups, bp_groups = [], []
-    for i, user in enumerate(user_groups):
-        if not isinstance(user, dict) or "params" not in user:
-            raise TypeError(f"ElasticZO: param group {i} must be a dict with 'params', got {type(user).__name__}")
-        members = [user["params"]] if isinstance(user["params"], torch.Tensor) else list(user["params"])
+    for user in groups:
         extra = {k: v for k, v in user.items() if k not in ("params", "lr", "lr_zo", "lr_bp", "zo_weight_decay")}
-        zo = [p for p in members if id(p) in zo_ids]
-        bp = [p for p in members if id(p) in bp_ids]
+        zo = [p for p in user["params"] if id(p) in zo_ids]
+        bp = [p for p in user["params"] if id(p) in bp_ids]
         if zo:
             zo_groups.append(dict(zo_opts, params=zo, part="zo", lr=user.get("lr_zo", user.get("lr", lr_zo)),
                                   weight_decay=user.get("zo_weight_decay", zo_opts["weight_decay"])))
         if bp:
-            bp_groups.append(dict(extra, params=bp, part="bp", lr=user.get("lr_bp", user.get("lr", lr_bp)),
-                                  bp_grad=zo_opts["bp_grad"], step=0))
+            lr = user.get("lr_bp", user.get("lr"))
+            bp_groups.append(dict(extra, params=bp, part="bp", bp_grad=zo_opts["bp_grad"], step=0,
+                                  **({} if lr is None else {"lr": lr})))
     return zo_groups, bp_groups

@@ -99,6 +99,9 @@ def _train(config: TrainConfig, log) -> list[dict]:
     pos = _start(config, run_dir, learner)
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
         f"bp_layers={learner.bp_layers} {config.precision} on {device}")
+    describe = getattr(learner.optimizer, "describe_split", None)
+    if describe is not None:  # which layers train with ZO and which with BP, and what each costs
+        log(describe())
     if config.resume and pos.epoch >= config.epochs:
         log(f"run {run_dir} is finished ({pos.epoch}/{config.epochs} epochs); nothing to train. "
             "To train on, resume with a larger --epochs.")
