@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -11,7 +10,6 @@ from elasticzo.config import TrainConfig
 from elasticzo.train.health import collapse_warning, is_collapsed, knobs
 from elasticzo.train.loop import train
 
-LOG10 = math.log(10)
 
 
 def epochs(*pairs):
