@@ -79,8 +79,10 @@ def run(data_root: str | None, rounds: int, steps: int, log=print) -> dict:
                 busy.kill()
                 busy.wait()
     torch.set_num_threads(default)
+    from elasticzo.bench.runner import _git_state
+
     return {"command": " ".join([Path(sys.executable).name, "-m", "elasticzo.bench.threads", *sys.argv[1:]]),
-            "cpu": cpu_info(), "torch": torch.__version__, "default_threads": default, "rounds": rounds,
+            "git": _git_state(), "cpu": cpu_info(), "torch": torch.__version__, "default_threads": default, "rounds": rounds,
             "steps_per_round": steps, "job": "elasticzo train (lenet5, elasticzo k=1, batch 64, mnist)",
             "results": results}
 
