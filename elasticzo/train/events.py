@@ -31,14 +31,15 @@ class EventLog:
 
     def __init__(self, run_dir: Path, enabled: bool, start_step: int = 0):
         self.writer = None
-        if enabled:
-            self.writer = summary_writer_class()(str(Path(run_dir) / EVENTS_DIR), purge_step=start_step or None)
+        if enabled:  # x axis: steps done, so step t's loss sits at t + 1 and an epoch's end at its "steps"
+            purge = start_step + 1 if start_step else None  # drop what a killed run logged past the checkpoint
+            self.writer = summary_writer_class()(str(Path(run_dir) / EVENTS_DIR), purge_step=purge)
 
     def steps(self, records: list[tuple[int, float]]) -> None:
-        """Per-step train losses: (global step, loss)."""
+        """Per-step train losses: (global step, loss), logged at step + 1 (steps done)."""
         if self.writer is not None:
             for step, loss in records:
-                self.writer.add_scalar("train/loss_step", loss, step)
+                self.writer.add_scalar("train/loss_step", loss, step + 1)
 
     def epoch(self, record: dict) -> None:
         """One metrics.jsonl record, at the global step where its epoch ended."""
