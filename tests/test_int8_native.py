@@ -150,3 +150,84 @@ def test_falls_back_to_the_portable_path_with_one_log_line(env, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "LOADED False" in res.stdout and "EXACT True" in res.stdout  # "native" falls back, still exact
     assert sum("portable PyTorch path" in line for line in (res.stdout + res.stderr).splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the elementwise kernels of a step
+
+
+def _portable(fn):
+    """fn() with the portable PyTorch path everywhere (``set_matmul_impl("reference")``)."""
+    ops.set_matmul_impl("reference")
+    try:
+        return fn()
+    finally:
+        ops.set_matmul_impl("auto")
+
+
+@FAST
+@given(st.integers(1, 300), st.integers(-(2**31) + 1, 2**31 - 1), st.integers(0, 2**31))
+def test_requantize_native_equals_portable(n, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    acc = (torch.randint(-(2**15), 2**15, (n,), generator=gen, dtype=torch.int64) * scale // 2**15).to(torch.int32)
+    want = _portable(lambda: requantize_int32(acc, 3))
+    got = requantize_int32(acc, 3)
+    assert torch.equal(got.values, want.values) and int(got.exponent) == int(want.exponent)
+
+
+@FAST
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.integers(1, 4),
+       st.sampled_from(FILLS), st.booleans(), st.integers(0, 2**31))
+def test_maxpool_native_equals_portable(b, c, kh, kw, sh, sw, fill, with_argmax, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = _fill((b, c, kh + 5, kw + 6), fill, gen)
+    want = _portable(lambda: ops.int8_maxpool2d(x, (kh, kw), (sh, sw), with_argmax))
+    got = ops.int8_maxpool2d(x, (kh, kw), (sh, sw), with_argmax)
+    assert torch.equal(got[0], want[0])
+    assert (got[1] is None and want[1] is None) or torch.equal(got[1], want[1])
+
+
+@FAST
+@given(st.integers(1, 500), st.integers(-(2**62), 2**62), st.integers(0, 62), st.sampled_from(FILLS),
+       st.integers(0, 2**31))
+def test_zo_update_and_perturb_native_equal_portable(n, d, s, fill, seed):
+    from elasticzo.int8.update import perturb, zo_update
+
+    gen = torch.Generator().manual_seed(seed)
+    w = _fill((n,), fill, gen).clamp(min=-127)
+    z = torch.randint(-1, 2, (n,), generator=gen, dtype=torch.int8)
+    carry = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    dt, st_ = torch.tensor(d), torch.tensor(s)
+    c_want, c_got = carry.clone(), carry.clone()
+    want = _portable(lambda: zo_update(w, z, dt, st_, carry=c_want))
+    got = zo_update(w, z, dt, st_, carry=c_got)
+    assert torch.equal(got, want) and torch.equal(c_got, c_want)
+    for eps in (1, -1, 127, -127):
+        assert torch.equal(perturb(w, z, eps), _portable(lambda: perturb(w, z, eps)))
+
+
+@FAST
+@given(st.integers(1, 70), st.integers(2, 40), st.integers(-14, 6), st.sampled_from(FILLS), st.integers(0, 2**31))
+def test_cross_entropy_native_equals_portable(b, c, exponent, fill, seed):
+    from elasticzo.int8.loss import cross_entropy, cross_entropy_loss
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = QTensor(_fill((b, c), fill, gen).clamp(min=-127), exponent)
+    y = torch.randint(0, c, (b,), generator=gen)
+    want_loss, want_grad = _portable(lambda: cross_entropy(logits, y))
+    got_loss, got_grad = cross_entropy(logits, y)
+    assert torch.equal(got_loss, want_loss) and torch.equal(got_grad.values, want_grad.values)
+    assert got_grad.exponent == want_grad.exponent
+    per = cross_entropy_loss(logits, y, reduction="none")
+    assert torch.equal(per, _portable(lambda: cross_entropy_loss(logits, y, reduction="none")))
+    per = cross_entropy_loss(logits, y, reduction="none")
+    assert torch.equal(per, _portable(lambda: cross_entropy_loss(logits, y, reduction="none")))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 28, 28), (1, 2, 10, 17), (3, 1, 9, 19), (1, 1, 4, 16)])
+@pytest.mark.parametrize("with_argmax", [False, True])
+def test_maxpool_2x2_fast_path_equals_portable(shape, with_argmax):
+    """LeNet's 2x2 / stride-2 pools take a vector path (8 outputs at a time, overlapping tail)."""
+    x = _fill(shape, "random", torch.Generator().manual_seed(sum(shape)))
+    want = _portable(lambda: ops.int8_maxpool2d(x, 2, 2, with_argmax))
+    got = ops.int8_maxpool2d(x, 2, 2, with_argmax)
+    assert torch.equal(got[0], want[0]) and (not with_argmax or torch.equal(got[1], want[1]))

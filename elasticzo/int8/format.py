@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from elasticzo.int8 import native, native_ops
 from elasticzo.int8.rounding import INT8_MAX, bitlength, saturate_int8, shift_round_nearest
 
 Exponent = int | torch.Tensor  # a Python int, or a 0-dim int64 tensor (stays on the device)
@@ -84,6 +85,9 @@ def requantize_int32(acc: torch.Tensor, exponent: Exponent) -> QTensor:
     entry lands on 7 bits, and add s to the exponent. Rounding can carry 127.5 up to 128, so the
     result is saturated (never wrapped) to [-127, 127]. ``acc`` may be int32 or int64.
     """
+    if acc.dtype == torch.int32 and native.active(acc):  # one pass for the shift, one to narrow
+        values, s = native_ops.OPS.requantize(acc)
+        return QTensor(values, exponent + s)
     s = (bitlength(acc) - ACC_BITS).clamp(min=0)  # 0-dim int64, on the device
     values = saturate_int8(shift_round_nearest(acc, s))
     return QTensor(values, exponent + s)

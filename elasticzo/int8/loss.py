@@ -41,6 +41,7 @@ from functools import lru_cache
 
 import torch
 
+from elasticzo.int8 import native, native_ops
 from elasticzo.int8.format import QTensor
 from elasticzo.int8.rounding import bitlength_each, saturate_int8, shift_round_nearest
 
@@ -163,8 +164,26 @@ def _grad_from_parts(e: torch.Tensor, total: torch.Tensor, target: torch.Tensor)
     return QTensor(saturate_int8(prob128 - (onehot.to(torch.int64) << 7)), GRAD_EXPONENT)
 
 
+def _native(logits: QTensor, target: torch.Tensor, with_grad: bool):
+    """(per-example loss, int8 error) from the native kernel, or None where it does not serve."""
+    q = logits.values
+    if not (native.active(q) and q.dim() == 2 and q.shape[1] <= 256 and q.shape[0] > 0):
+        return None
+    loss, grad = native_ops.OPS.cross_entropy(q, int(logits.exponent), target, *_tables(q.device), with_grad)
+    return loss, (QTensor(grad, GRAD_EXPONENT) if with_grad else None)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    return loss if reduction == "none" else saturating_sum(loss)
+
+
 def cross_entropy_loss(logits: QTensor, target: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """Integer cross-entropy (int64, 2**-16 bits per unit, saturating at LOSS_MAX), batch sum or per example."""
+    fast = _native(logits, target, with_grad=False)
+    if fast is not None:
+        return _reduce(fast[0], reduction)
     u, _, total = _softmax_parts(logits)
     return _loss_from_parts(logits, u, total, target, reduction)
 
@@ -177,6 +196,9 @@ def cross_entropy_grad(logits: QTensor, target: torch.Tensor) -> QTensor:
 
 def cross_entropy(logits: QTensor, target: torch.Tensor, reduction: str = "sum") -> tuple[torch.Tensor, QTensor]:
     """Loss value and gradient together, sharing the softmax numerators."""
+    fast = _native(logits, target, with_grad=True)
+    if fast is not None:
+        return _reduce(fast[0], reduction), fast[1]
     u, e, total = _softmax_parts(logits)
     return _loss_from_parts(logits, u, total, target, reduction), _grad_from_parts(e, total, target)
 

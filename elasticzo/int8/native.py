@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger("elasticzo.int8")
 SOURCE = Path(__file__).with_name("kernels") / "ezo_int8.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -95,6 +95,10 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_conv2d_grad_weight": ([_I64, _P, _P, _P, _P, _P, _P], None),
         "ezo_requant_shift": ([_I64, _P], _I64),
         "ezo_requant": ([_I64, _P, _I64, _P], None),
+        "ezo_maxpool2d": ([_I64] * 7 + [_P, _P, _P], None),
+        "ezo_zo_update_carry": ([_I64, _P, _P, _I64, _I64, _P, _P], None),
+        "ezo_perturb": ([_I64, _P, _P, _I64, _P], None),
+        "ezo_cross_entropy": ([_I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P], None),
     }
     for name, (args, res) in sigs.items():
         fn = getattr(lib, name)
@@ -128,6 +132,14 @@ def load() -> ctypes.CDLL | None:
         log.warning("elasticzo.int8: native kernels unusable (%s: %s); portable PyTorch path", type(err).__name__, err)
         return None
     return _lib
+
+
+_enabled = True  # False while ops.set_matmul_impl("reference") asks for the portable path everywhere
+
+
+def active(t: torch.Tensor) -> bool:
+    """Whether the elementwise native kernels (requantise, pool, loss, ZO update) serve ``t``."""
+    return _enabled and t.device.type == "cpu" and load() is not None
 
 
 def lib() -> ctypes.CDLL:

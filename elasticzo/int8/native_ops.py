@@ -109,17 +109,65 @@ def _requantize(acc: torch.Tensor):
     return out, torch.tensor(s, dtype=torch.int64)
 
 
+def _maxpool2d(x: torch.Tensor, kernel: list[int], stride: list[int], with_argmax: bool):
+    """(max [B, C, OH, OW], first-argmax offset int8 or an empty tensor), no padding."""
+    x = _need(x, torch.int8, 4, "x")
+    (b, c, h, w), (kh, kw), (sh, sw) = x.shape, kernel, stride
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    out = torch.empty(b, c, oh, ow, dtype=torch.int8)
+    arg = torch.empty(b, c, oh, ow, dtype=torch.int8) if with_argmax else torch.empty(0, dtype=torch.int8)
+    p = native.ptr
+    native.lib().ezo_maxpool2d(b * c, h, w, kh, kw, sh, sw, p(x), p(out), p(arg) if with_argmax else None)
+    return out, arg
+
+
+def _zo_update_carry(w: torch.Tensor, z: torch.Tensor, d: int, s: int, carry: torch.Tensor) -> torch.Tensor:
+    """sat(W - whole units of carry + d z / 2**(s - 8)); the fraction stays in ``carry`` (written in place)."""
+    if not (carry.dtype == torch.uint8 and carry.is_contiguous() and carry.numel() == w.numel() == z.numel()):
+        raise ValueError(f"zo_update: carry must be a contiguous uint8 tensor of {w.numel()} entries")
+    w, z = w.contiguous(), z.contiguous()
+    out, p = torch.empty_like(w), native.ptr
+    native.lib().ezo_zo_update_carry(w.numel(), p(w), p(z), d, s, p(carry), p(out))
+    return out
+
+
+def _perturb(w: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
+    w, z = w.contiguous(), z.contiguous()
+    out, p = torch.empty_like(w), native.ptr
+    native.lib().ezo_perturb(w.numel(), p(w), p(z), eps, p(out))
+    return out
+
+
+def _cross_entropy(q: torch.Tensor, exponent: int, target: torch.Tensor, pow_hi: torch.Tensor, pow_lo: torch.Tensor,
+                   log_frac: torch.Tensor, with_grad: bool):
+    """(loss per example int64 [B], int8 error [B, C] or an empty tensor), as ``loss.cross_entropy``."""
+    q, target = _need(q, torch.int8, 2, "logits"), target.to(torch.int64).contiguous()
+    b, c = q.shape
+    loss = torch.empty(b, dtype=torch.int64)
+    grad = torch.empty(b, c, dtype=torch.int8) if with_grad else torch.empty(0, dtype=torch.int8)
+    p = native.ptr
+    native.lib().ezo_cross_entropy(b, c, p(q), exponent, p(target), p(pow_hi), p(pow_lo), p(log_frac), p(loss),
+                                   p(grad) if with_grad else None)
+    return loss, grad
+
+
 _register("gemm_nt(Tensor a, Tensor b) -> Tensor", _gemm_nt)
 _register("conv2d(Tensor x, Tensor w, int[] stride, int[] padding) -> Tensor", _conv2d)
 _register("conv2d_requant(Tensor x, Tensor w, int[] stride, int[] padding) -> (Tensor, Tensor)", _conv2d_requant)
 _register("conv2d_grad_weight(Tensor g, Tensor x, int[] weight_shape, int[] stride, int[] padding) -> Tensor",
           _conv2d_grad_weight)
 _register("requantize(Tensor acc) -> (Tensor, Tensor)", _requantize)
+_register("maxpool2d(Tensor x, int[] kernel, int[] stride, bool with_argmax) -> (Tensor, Tensor)", _maxpool2d)
+_register("zo_update_carry(Tensor w, Tensor z, int d, int s, Tensor(a!) carry) -> Tensor", _zo_update_carry)
+_register("perturb(Tensor w, Tensor z, int eps) -> Tensor", _perturb)
+_register("cross_entropy(Tensor q, int exponent, Tensor target, Tensor pow_hi, Tensor pow_lo, Tensor log_frac, "
+          "bool with_grad) -> (Tensor, Tensor)", _cross_entropy)
 OPS = getattr(torch.ops, NAMESPACE)
 
 
 def self_check() -> None:
     """Raise unless every op equals a widened int64 computation on random and extreme operands."""
+    from elasticzo.int8 import ops  # the portable reference; imported here, ops imports this module
     gen = torch.Generator().manual_seed(0)
     for lo, hi in ((-128, 128), (127, 128), (-128, -127)):  # random, all +127, all -128
         a = torch.randint(lo, hi, (37, 53), generator=gen, dtype=torch.int8)
@@ -129,6 +177,6 @@ def self_check() -> None:
             raise RuntimeError(f"gemm_nt differs from int64 matmul on values in [{lo}, {hi})")
         x = torch.randint(lo, hi, (3, 2, 9, 11), generator=gen, dtype=torch.int8)
         w = torch.randint(lo, hi, (5, 2, 3, 4), generator=gen, dtype=torch.int8)
-        want = torch.nn.functional.conv2d(x.double(), w.double(), stride=(2, 1), padding=(1, 2)).int()
+        want = ops.int8_conv2d(x, w, (2, 1), (1, 2), "reference")  # integers only: this may run inside an audit
         if not torch.equal(OPS.conv2d(x, w, [2, 1], [1, 2]), want):
-            raise RuntimeError(f"conv2d differs from float64 conv2d on values in [{lo}, {hi})")
+            raise RuntimeError(f"conv2d differs from the reference conv2d on values in [{lo}, {hi})")

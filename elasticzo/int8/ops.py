@@ -45,6 +45,7 @@ def set_matmul_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise ValueError(f"unknown int8 matmul impl {impl!r}; choose one of {IMPLS}")
     _default_impl = impl
+    native._enabled = impl != "reference"  # "reference": the portable path for the elementwise kernels too
 
 
 # ---------------------------------------------------------------- the one dispatch function
@@ -329,6 +330,9 @@ def int8_maxpool2d(x: torch.Tensor, kernel, stride=None, with_argmax: bool = Tru
     st = _pair(kernel if stride is None else stride)
     if kh * kw > 127:
         raise ValueError(f"pooling window {kh}x{kw} has more than 127 offsets")
+    if native.active(x) and x.dim() == 4:
+        out, arg = native_ops.OPS.maxpool2d(x, [kh, kw], list(st), with_argmax)
+        return out, (arg if with_argmax else None)
     out_hw = conv_output_size(x.shape[2], x.shape[3], (kh, kw), st, 0)
     best = _window(x, 0, 0, out_hw, st)
     arg = torch.zeros(best.shape, dtype=torch.int8, device=x.device) if with_argmax else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from elasticzo.int8 import native, native_ops
 from elasticzo.zo.noise import random_bits
 
 from elasticzo.int8.rounding import (
@@ -76,6 +77,8 @@ def perturb_weight(weight: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Ten
         raise ValueError(f"eps={eps} must be a nonzero integer with |eps| <= {INT8_MAX}")
     if weight.dtype != torch.int8 or z.dtype != torch.int8:
         raise TypeError(f"perturb expects int8 weight and z, got {weight.dtype} and {z.dtype}")
+    if native.active(weight):
+        return native_ops.OPS.perturb(weight, z, eps)
     return saturate_int8(weight.to(torch.int16) + z.to(torch.int16) * eps)  # |.| <= 127 + 127*127
 
 
@@ -94,6 +97,8 @@ def zo_update(weight: torch.Tensor, z: torch.Tensor, d: torch.Tensor, s: torch.T
     """
     if carry.dtype != torch.uint8 or carry.shape != weight.shape:
         raise ValueError(f"carry must be uint8 {tuple(weight.shape)}, got {carry.dtype} {tuple(carry.shape)}")
+    if native.active(weight) and carry.is_contiguous():
+        return native_ops.OPS.zo_update_carry(weight, z, int(d), int(s), carry)  # one pass, no int64 temporaries
     dz = d.to(torch.int64) * z.reshape(-1).to(torch.int64)  # [n], |d z| < 2**62
     flat = carry.view(-1)
     return _chunked(weight, lambda lo, hi: _carried(dz[lo:hi], s, flat[lo:hi]))
