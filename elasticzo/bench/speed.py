@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import platform
 import statistics
 import time
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 from elasticzo.config import TrainConfig
 from elasticzo.data.vision import load_split
+from elasticzo.int8.ops import IMPLS, choose_impl, get_matmul_impl, set_matmul_impl
 from elasticzo.models import MLP
 from elasticzo.optim.elastic import ElasticZO
 from elasticzo.train.loop import make_learner
@@ -129,7 +132,8 @@ def measure(root: str | None, batch_sizes: list[int], rounds: int, per_round: in
 def markdown(meta: dict, results: dict) -> str:
     sizes = list(results)
     lines = [f"CPU: {meta['cpu']['model']} ({meta['cpu']['machine']}; SIMD: {' '.join(meta['cpu']['simd'])}), "
-             f"torch {meta['torch']}, {meta['threads']} thread, int8 products: {meta['int8_impl']}", "",
+             f"torch {meta['torch']}, {meta['threads']} thread, native kernels built with -march={meta['march']}, "
+             f"int8 products: {meta['int8_impl']}", "",
              f"`{meta['command']}`", "",
              "| ratio (median of per-round ratios) | target | " + " | ".join(f"batch {b}" for b in sizes) + " |",
              "| --- | --- | " + " | ".join("---" for _ in sizes) + " |"]
@@ -152,13 +156,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="steps of each candidate per round")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--int8-impl", default="auto", choices=IMPLS,
+                   help="integer products: auto (speed probe) or one forced, e.g. native where _int_mm is a slow loop")
     args = p.parse_args(argv)
+    threads, impl = torch.get_num_threads(), get_matmul_impl()
     torch.set_num_threads(1)
-    from elasticzo.int8.ops import choose_impl
+    set_matmul_impl(args.int8_impl)
+    try:
+        return _run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+        set_matmul_impl(impl)
 
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Measure, print the tables, write speed.json / speed.md into ``args.out``."""
     device = torch.device(args.device)
     meta = {"cpu": cpu_info(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "int8_impl": choose_impl(device.type), "command": "python -m elasticzo.bench.speed " + " ".join(argv or [])}
+            "int8_impl": choose_impl(device.type) if args.int8_impl == "auto" else args.int8_impl,
+            "march": os.environ.get("ELASTICZO_MARCH", "native"),
+            "command": "python -m elasticzo.bench.speed " + " ".join(sys.argv[1:] if argv is None else argv)}
     results = measure(args.data_root, args.batch_sizes, args.rounds, args.steps, device)
     text = markdown(meta, results)
     print(text)

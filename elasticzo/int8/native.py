@@ -11,7 +11,8 @@ The build is cached in ``$ELASTICZO_CACHE`` (default ``~/.cache/elasticzo``) und
 source, the compiler's version, the flags and this CPU's feature flags: ``-march=native`` code is
 never reused on another CPU. Where no compiler exists, the build fails or the exactness probe
 fails, ``load()`` returns None after ONE log line and the portable PyTorch path is used.
-``ELASTICZO_NATIVE=0`` turns the native path off.
+``ELASTICZO_NATIVE=0`` turns the native path off; ``ELASTICZO_MARCH`` (default ``native``) sets the
+target, e.g. ``x86-64-v3`` to build and measure the AVX2-only code on a newer CPU.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ def compile_flags(machine: str | None = None) -> list[str]:
     """Flags for this CPU: its own vector unit (AVX2 intrinsics on x86-64, sdot on aarch64)."""
     machine = machine or platform.machine()
     flags = ["-O3", "-shared", "-fPIC", "-fvisibility=hidden", "-std=c11"]
+    target = os.environ.get("ELASTICZO_MARCH", "native")  # e.g. x86-64-v3: AVX2 only, as an older CPU
     if machine in ("x86_64", "AMD64"):
-        return flags + ["-march=native"]
+        return flags + [f"-march={target}"]
     if machine in ("aarch64", "arm64"):
-        return flags + ["-mcpu=native"]
+        return flags + ["-mcpu=native" if target == "native" else f"-march={target}"]
     return flags
 
 
