@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from elasticzo.config import TrainConfig
 from elasticzo.data.vision import load_split
-from elasticzo.int8.ops import IMPLS, choose_impl, get_matmul_impl, set_matmul_impl
+from elasticzo.int8 import ops
+from elasticzo.int8.ops import IMPLS, choose_impl, set_matmul_impl
 from elasticzo.models import MLP
 from elasticzo.optim.elastic import ElasticZO
 from elasticzo.train.loop import make_learner
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int8-impl", default="auto", choices=IMPLS,
                    help="integer products: auto (speed probe) or one forced, e.g. native where _int_mm is a slow loop")
     args = p.parse_args(argv)
-    threads, impl = torch.get_num_threads(), get_matmul_impl()
+    threads, impl = torch.get_num_threads(), ops._default_impl
     torch.set_num_threads(1)
     set_matmul_impl(args.int8_impl)
     try:
