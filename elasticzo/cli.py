@@ -43,10 +43,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _choices(name: str):
-    return {"model": config_module.MODEL_NAMES, "dataset": config_module.DATASET_NAMES,
-            "method": config_module.METHODS, "precision": config_module.PRECISIONS,
-            "schedule": config_module.SCHEDULES, "noise": ("gaussian", "rademacher"),
-            "bp_grad": ("mean", "plus"), "device": ("auto", "cpu", "cuda")}.get(name)
+    return config_module.CHOICES.get(name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,7 +94,7 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting for every run, e.g. --set lr_zo=3e-4 --set normalize=true")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: cuda when available")
+    p.add_argument("--device", default="auto", choices=config_module.DEVICES, help="auto: cuda when available")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     p.add_argument("--data-root", default=None, help="else $ELASTICZO_DATA, else ./data")
     p.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
@@ -115,7 +112,7 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
                    "without it only the table is printed")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting that changes memory, e.g. --set momentum=0")
-    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="where memory is measured")
+    p.add_argument("--device", default="cpu", choices=config_module.DEVICES, help="where memory is measured")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -1,7 +1,14 @@
 """All settings of a training run in one typed place; the CLI is generated from it.
 
-The resolved config is written to ``<run_dir>/config.json`` with every run, and ``--resume``
-checks that the saved config matches the requested one.
+One meaning per flag: every setting either acts on the run or is rejected. A setting that has
+no effect for the chosen method or precision (``--momentum`` with ``--method zo``,
+``--lr-zo`` with ``--precision int8``, ``--bp-layers`` with ``--method bp``) raises a
+ValueError naming the flag when it differs from its default; ``APPLIES`` says which setting
+acts where. The lists of choices are defined here and nowhere else (``CHOICES``).
+
+``resolved()`` fills what "auto" or "default" left open (the ZO learning rate, the split, the
+device, the run dir); that resolved config is written to ``<run_dir>/config.json`` with every
+run, and ``--resume`` checks that the saved config matches the requested one.
 """
 from __future__ import annotations
 
@@ -15,6 +22,24 @@ MODEL_NAMES = ("lenet5", "mlp", "pointnet")  # elasticzo.models.MODELS (a test k
 DATASET_NAMES = ("mnist", "fashion-mnist", "mnist-points", "fashion-mnist-points", "modelnet40")  # data.DATASET_NAMES
 PRECISIONS = ("fp32", "int8")
 SCHEDULES = ("constant", "cosine")
+NOISE_KINDS = ("gaussian", "rademacher")  # float ZO directions (INT8 uses int8 Rademacher)
+BP_GRADS = ("mean", "plus")
+DEVICES = ("auto", "cpu", "cuda")
+CHOICES = {"model": MODEL_NAMES, "dataset": DATASET_NAMES, "method": METHODS, "precision": PRECISIONS,
+           "schedule": SCHEDULES, "noise": NOISE_KINDS, "bp_grad": BP_GRADS, "device": DEVICES}
+
+_ZO = ("lr_zo", "eps", "queries", "noise", "grad_clip", "normalize", "zo_weight_decay")
+_BP = ("lr_bp", "momentum", "weight_decay")
+# Where a setting acts: (precisions, methods). A setting not listed acts in every run.
+APPLIES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    **{name: (("fp32",), ("zo", "elasticzo")) for name in _ZO},
+    **{name: (("fp32",), ("bp", "elasticzo")) for name in _BP},
+    "bp_grad": (("fp32",), ("elasticzo",)),  # the + and - passes exist only with a ZO part and a BP part
+    "bp_layers": (PRECISIONS, ("elasticzo",)),
+    "int8_lr_bits": (("int8",), ("bp", "elasticzo")),
+    "int8_zo_shift": (("int8",), ("zo", "elasticzo")),
+    "int8_tile": (("int8",), METHODS),
+}
 
 
 @dataclass
@@ -27,14 +52,14 @@ class TrainConfig:
     points_3d: bool = False  # mnist-points / fashion-mnist-points: turn each cloud by a random 3D rotation
     init: str = ""  # fine-tune: start from this checkpoint's weights (a new head if the class count differs)
     method: str = "elasticzo"  # bp: all layers BP; zo: vanilla ZO; elasticzo: last --bp-layers in BP
-    bp_layers: int = 1  # ElasticZO split: the last K parametrised layers train with backprop
+    bp_layers: int | None = None  # ElasticZO split: the last K parametrised layers train with backprop (default 1)
     precision: str = "fp32"  # fp32 | int8 (integer-only ElasticZO-INT8)
     # schedule
     epochs: int = 5  # passes over the training set
     batch_size: int = 64  # examples per step
     schedule: str = "cosine"  # learning-rate schedule over all steps: constant | cosine
     # ZO part (SPSA)
-    lr_zo: float | None = None  # ZO learning rate; default 3e-4 for --method zo, 1e-3 otherwise
+    lr_zo: float | None = None  # ZO learning rate (fp32); default 3e-4 for --method zo, 1e-3 otherwise
     eps: float = 1e-3  # perturbation scale
     queries: int = 1  # random directions per step
     noise: str = "gaussian"  # gaussian | rademacher
@@ -66,28 +91,62 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad value; returns self for chaining."""
-        choices = {"model": MODEL_NAMES, "dataset": DATASET_NAMES, "method": METHODS, "precision": PRECISIONS, "schedule": SCHEDULES,
-                   "noise": ("gaussian", "rademacher"), "bp_grad": ("mean", "plus"),
-                   "device": ("auto", "cpu", "cuda")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps", "num_points")
-        non_negative = ("bp_layers", "lr_bp", "grad_clip", "zo_weight_decay", "weight_decay",
-                        "train_limit", "test_limit", "checkpoint_every", "int8_zo_shift", "int8_tile", "threads")
+        non_negative = ("lr_bp", "grad_clip", "zo_weight_decay", "weight_decay", "train_limit", "test_limit",
+                        "checkpoint_every", "int8_zo_shift", "int8_tile", "threads")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")
         for name in non_negative:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
-        if self.lr_zo is not None and not self.lr_zo >= 0:
-            raise ValueError(f"--lr-zo: must be >= 0, got {self.lr_zo!r}")
+        for name in ("lr_zo", "bp_layers"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"--{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum: must be in [0, 1), got {self.momentum!r}")
         if not 1 <= self.int8_lr_bits <= 8:
             raise ValueError(f"--int8-lr-bits: must be in 1..8, got {self.int8_lr_bits!r}")
+        self._reject_settings_without_effect()
         return self
+
+    def _reject_settings_without_effect(self) -> None:
+        """A setting changed from its default where it acts on nothing is a mistake: name it."""
+        defaults = TrainConfig()
+        for name, (precisions, methods) in APPLIES.items():
+            if getattr(self, name) == getattr(defaults, name):
+                continue
+            if self.precision not in precisions:
+                raise ValueError(f"--{_flag(name)}: has no effect with --precision {self.precision} "
+                                 f"(it applies to {' and '.join(precisions)}); leave it at its default")
+            if self.method not in methods:
+                raise ValueError(f"--{_flag(name)}: has no effect with --method {self.method} "
+                                 f"(it applies to --method {' and '.join(methods)}); leave it at its default")
+
+    def split(self, num_layers: int) -> int:
+        """The number k of BP layers for a model of ``num_layers``: bp -> all, zo -> 0,
+        elasticzo -> --bp-layers (default 1), checked against the model."""
+        if self.method == "bp":
+            return num_layers
+        if self.method == "zo":
+            return 0
+        k = 1 if self.bp_layers is None else self.bp_layers
+        if not 0 <= k <= num_layers:
+            raise ValueError(f"--bp-layers: {k} is out of range; {self.model} has "
+                             f"{num_layers} parametrised layers, so use 0..{num_layers}")
+        return k
+
+    def resolved(self, device: str, num_layers: int) -> "TrainConfig":
+        """The values this run uses where the settings left a choice open: the ZO learning rate,
+        the split, the device and the run dir (written to config.json)."""
+        k = self.split(num_layers)
+        lr_zo = self.zo_learning_rate() if acts_on("lr_zo", self.method, self.precision) else self.lr_zo
+        done = dataclasses.replace(self, lr_zo=lr_zo, bp_layers=k if self.method == "elasticzo" else None,
+                                   device=device)
+        return dataclasses.replace(done, run_dir=self.run_dir or done.default_run_dir())
 
     def zo_learning_rate(self) -> float:
         """--lr-zo, or the default measured to work for the method (see README, Results)."""
@@ -96,7 +155,7 @@ class TrainConfig:
         return 3e-4 if self.method == "zo" else 1e-3
 
     def default_run_dir(self) -> str:
-        split = f"-k{self.bp_layers}" if self.method == "elasticzo" else ""
+        split = f"-k{1 if self.bp_layers is None else self.bp_layers}" if self.method == "elasticzo" else ""
         data = self.dataset + (f"-c{self.classes.replace(',', '_')}" if self.classes else "")
         tune = "-ft" if self.init else ""  # a fine-tuning run never lands in its pretraining run's dir
         return f"runs/{data}-{self.model}-{self.method}{split}-{self.precision}{tune}-s{self.seed}"
@@ -133,3 +192,9 @@ def field_kind(name: str) -> type:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+def acts_on(name: str, method: str, precision: str) -> bool:
+    """Whether setting ``name`` acts on a run of ``method`` in ``precision`` (``APPLIES``)."""
+    precisions, methods = APPLIES.get(name, (PRECISIONS, METHODS))
+    return precision in precisions and method in methods

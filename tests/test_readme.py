@@ -39,3 +39,8 @@ def test_cpu_info_reads_model_and_simd_flags(tmp_path):
     info = cpu_info(fake)
     assert info["model"] == "Test CPU 9000" and info["simd"] == ["sse4_2", "avx", "avx2", "fma"]
     assert "Test CPU 9000" in describe(info) and "avx2" in describe(info)
+
+
+def test_the_readme_shows_both_precisions_with_data_loading_and_a_resume():
+    assert any("ElasticZO.for_model" in b and "load_split" in b for b in BLOCKS)
+    assert any("IntElasticZO.for_model" in b and "load_split" in b and "load_state_dict" in b for b in BLOCKS)

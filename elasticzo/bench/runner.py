@@ -42,7 +42,7 @@ from elasticzo.bench.machine import cpu_info, describe
 from elasticzo.bench.memory import CATEGORIES, measure_step_memory
 from elasticzo.bench.peer import MeZOPeer, PlainBPLoop, forward_loss
 from elasticzo.bench.timing import PHASE_ORDER, StepTimer
-from elasticzo.config import TrainConfig, field_kind
+from elasticzo.config import TrainConfig, acts_on, field_kind
 from elasticzo.data import get_spec, load_split
 from elasticzo.models import build_model
 from elasticzo.optim.elastic import ElasticZO
@@ -132,7 +132,9 @@ class Method:
 
     def train_config(self, cfg: BenchConfig, **fields) -> TrainConfig:
         method, k = GRID_METHODS[self.name]
-        return TrainConfig(**{**cfg.overrides, "model": cfg.model, "method": method, "bp_layers": k,
+        overrides = {k: v for k, v in cfg.overrides.items() if acts_on(k, method, self.precision)}
+        return TrainConfig(**{**overrides, "model": cfg.model, "method": method,
+                              "bp_layers": k if method == "elasticzo" else None,
                               "precision": self.precision, "batch_size": cfg.batch_size, "seed": cfg.seed,
                               "device": cfg.device, "data_root": cfg.data_root, "download": cfg.download,
                               "threads": cfg.threads, "progress": False, **fields}).validate()

@@ -31,8 +31,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from elasticzo.config import BP_GRADS, TrainConfig
 from elasticzo.instrument import phase
-from elasticzo.config import TrainConfig
 from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, forked_rng, frozen_statistics,
                                      statistic_modules)
 from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
@@ -51,6 +51,12 @@ class NonFiniteLoss(FloatingPointError):
 def _check(name: str, value, ok: bool, rule: str) -> None:
     if not ok:
         raise ValueError(f"invalid {name}={value!r}: must be {rule}")
+
+
+def zo_decay_factor(lr: float, weight_decay: float) -> float:
+    """Decoupled weight decay of the ZO part: theta <- theta * (1 - lr * wd) before the step, so
+    the decay shrinks with the learning rate (and with its schedule)."""
+    return 1 - lr * weight_decay
 
 
 def apply_direction(param: torch.Tensor, z: torch.Tensor, coef: torch.Tensor) -> None:
@@ -107,7 +113,7 @@ class ElasticZO(torch.optim.Optimizer):
         _check("zo_weight_decay", zo_weight_decay, zo_weight_decay >= 0, ">= 0")
         _check("momentum", momentum, 0 <= momentum < 1, "in [0, 1)")
         _check("weight_decay", weight_decay, weight_decay >= 0, ">= 0")
-        _check("bp_grad", bp_grad, bp_grad in ("mean", "plus"), "'mean' or 'plus'")
+        _check("bp_grad", bp_grad, bp_grad in BP_GRADS, f"one of {BP_GRADS}")
         _check("nonfinite", nonfinite, nonfinite in NONFINITE, f"one of {NONFINITE}")
         _check("nesterov", nesterov, not nesterov or (momentum > 0 and dampening == 0),
                "False unless momentum > 0 and dampening == 0")
@@ -281,7 +287,7 @@ class ElasticZO(torch.optim.Optimizer):
         q = zo["queries"]
         for group in self._groups("zo"):
             if group["weight_decay"]:
-                torch._foreach_mul_(group["params"], 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_mul_(group["params"], zo_decay_factor(group["lr"], group["weight_decay"]))
         for j, g in enumerate(grads):
             coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
             for i, layer in enumerate(self.zo_layers):

@@ -37,7 +37,7 @@ def is_collapsed(history: list[dict], num_classes: int) -> bool:
 def knobs(config: TrainConfig) -> str:
     """The settings that set the step size of the parts this run trains, and which way to turn them."""
     zo = config.method != "bp"
-    bp = config.method == "bp" or (config.method == "elasticzo" and config.bp_layers > 0)
+    bp = config.method == "bp" or (config.method == "elasticzo" and config.bp_layers != 0)  # None: the default 1
     if config.precision == "int8":
         parts = ([f"raise --int8-zo-shift (now {config.int8_zo_shift}; each +1 halves the ZO step)"] if zo else []) \
             + ([f"lower --int8-lr-bits (now {config.int8_lr_bits})"] if bp else [])

@@ -23,18 +23,6 @@ OPTIM = "optim."
 MODEL = "model."
 
 
-def resolve_bp_layers(config: TrainConfig, num_layers: int) -> int:
-    """The split k for a method: bp -> all layers, zo -> 0, elasticzo -> --bp-layers (checked)."""
-    if config.method == "bp":
-        return num_layers
-    if config.method == "zo":
-        return 0
-    if not 0 <= config.bp_layers <= num_layers:
-        raise ValueError(f"--bp-layers: {config.bp_layers} is out of range; {config.model} has "
-                         f"{num_layers} parametrised layers, so use 0..{num_layers}")
-    return config.bp_layers
-
-
 def schedule_factor(schedule: str, progress: float) -> float:
     """Learning-rate multiplier at ``progress`` in [0, 1] of the run (a pure function: resume-safe)."""
     if schedule == "cosine":
@@ -91,7 +79,8 @@ class Learner:
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device):
         self.int8 = config.precision == "int8"
         self.model = build_learner_model(config, num_classes, device)
-        self.bp_layers = resolve_bp_layers(config, num_weight_layers(self.model))
+        self.num_layers = num_weight_layers(self.model)
+        self.bp_layers = config.split(self.num_layers)
         self.optimizer = build_optimizer(config, self.model, self.bp_layers)
         self.schedule = config.schedule
         self.base = [dict(g) for g in self.optimizer.param_groups]  # hyper-parameters at progress 0

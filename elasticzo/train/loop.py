@@ -86,9 +86,10 @@ def torch_threads(threads: int):
 
 def _train(config: TrainConfig, log) -> list[dict]:
     device = resolve_device(config.device)
-    run_dir = Path(config.run_dir or config.default_run_dir())
     data = _load_data(config, device)
     learner = make_learner(config, data["num_classes"], device)
+    config = config.resolved(device.type, learner.num_layers)  # what config.json records
+    run_dir = Path(config.run_dir)
     if config.init:  # before _start, so that a resumed fine-tuning run overwrites it
         from elasticzo.train.finetune import init_from_checkpoint
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-NOISE_KINDS = ("gaussian", "rademacher")
+from elasticzo.config import NOISE_KINDS
 _MASK64 = (1 << 64) - 1
 
 
