@@ -88,8 +88,9 @@ def test_exception_inside_perturbed_forward_restores_parameters():
 def test_step_matches_reference_twin_bit_for_bit(bp_layers, queries):
     model = tiny_mlp()
     twin = copy.deepcopy(model)
-    opts = dict(lr_zo=0.01, lr_bp=0.1, eps=1e-3, queries=queries, grad_clip=None, seed=5)
-    opt = ElasticZO.for_model(model, bp_layers, normalize=False, momentum=0.0, **opts)  # the twin's plain rule
+    opts = dict(lr_zo=0.01, lr_bp=0.1, eps=1e-3, queries=queries, grad_clip=None, seed=5, normalize=False,
+                momentum=0.0)
+    opt = ElasticZO.for_model(model, bp_layers, **opts)
     ref = ReferenceElasticZO(twin, bp_layers, **opts)
     for step in range(4):
         x, y = batch(step)

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from elasticzo.config import TrainConfig
 from elasticzo.models.layers import split_layers
 from elasticzo.zo.noise import derive_seed, layer_noise
 
 RMS_DECAY = 0.99  # the running mean of g^2 forgets 1 % per step
+_CLI = TrainConfig()  # the defaults of ElasticZO and the CLI
 
 
 class ReferenceElasticZO:
@@ -30,11 +32,14 @@ class ReferenceElasticZO:
     Takes the same keyword arguments, with the same defaults, as ``ElasticZO``.
     """
 
-    def __init__(self, model: nn.Module, bp_layers: int, *, lr_zo: float = 1e-3, lr_bp: float = 0.05,
-                 eps: float = 1e-3, queries: int = 1, noise: str = "gaussian", grad_clip: float | None = 100.0,
-                 normalize: bool = False, zo_weight_decay: float = 0.0, momentum: float = 0.0,
-                 weight_decay: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
-                 bp_grad: str = "mean", seed: int = 0):
+    def __init__(self, model: nn.Module, bp_layers: int, *, lr_zo: float | None = None, lr_bp: float = _CLI.lr_bp,
+                 eps: float = _CLI.eps, queries: int = _CLI.queries, noise: str = _CLI.noise,
+                 grad_clip: float | None = _CLI.grad_clip, normalize: bool = _CLI.normalize,
+                 zo_weight_decay: float = _CLI.zo_weight_decay, momentum: float = _CLI.momentum,
+                 weight_decay: float = _CLI.weight_decay, dampening: float = 0.0, nesterov: bool = False,
+                 bp_grad: str = _CLI.bp_grad, seed: int = _CLI.seed):
+        if lr_zo is None:  # the measured default of the method: vanilla ZO takes a smaller step
+            lr_zo = TrainConfig(method="elasticzo" if bp_layers else "zo").zo_learning_rate()
         self.model = model
         self.zo_layers, self.bp_layers = split_layers(model, bp_layers)
         self.names = {id(p): n for n, p in model.named_parameters()}
