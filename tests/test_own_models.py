@@ -343,3 +343,45 @@ def test_cli_prints_the_split_at_start_up(tmp_path, data_root):
     run(cfg, log=lines.append)
     split = next(line for line in lines if line.startswith("ElasticZO split of LeNet5"))
     assert "ZO  3 module(s)" in split and "BP  2 module(s)" in split
+
+
+# --- float16 / bfloat16 models -----------------------------------------------------------------
+
+def test_bfloat16_zo_update_is_the_rule_in_a_float32_master_rounded_once():
+    from elasticzo.zo.noise import derive_seed, layer_noise
+
+    model, (x, y) = build(DigitsCNN).to(torch.bfloat16), data()
+    xb = x.to(torch.bfloat16)
+    opt = ElasticZO.for_model(model, 0, example_input=xb[:2], lr_zo=1e-4, seed=2)
+    weight = model[0].weight
+    start = weight.detach().float()
+    opt.step(lambda: F.cross_entropy(model(xb).float(), y))
+    master, g = opt.state[weight]["master"], opt.last_projected_grads[0]
+    z = layer_noise([start, model[0].bias.detach().float()], derive_seed(2, 0, 0, 0), "gaussian")[0]
+    assert master.dtype == torch.float32 and g != 0
+    assert torch.equal(master, torch.addcmul(start, z, g * -1e-4))  # steps far below bf16's resolution are kept
+    assert torch.equal(weight.detach(), master.to(torch.bfloat16))
+
+
+def test_bfloat16_master_survives_a_state_dict_round_trip():
+    model, (x, y) = build(DigitsCNN).to(torch.bfloat16), data()
+    opt = ElasticZO.for_model(model, 1, example_input=x[:2].to(torch.bfloat16))
+    opt.step(lambda: F.cross_entropy(model(x.to(torch.bfloat16)).float(), y))
+    other = ElasticZO.for_model(copy.deepcopy(model), 1, example_input=x[:2].to(torch.bfloat16))
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    mine, theirs = opt.state[model[0].weight]["master"], other.state[other.model[0].weight]["master"]
+    assert theirs.dtype == torch.float32 and torch.equal(mine, theirs)
+
+
+def test_a_bfloat16_loss_warns_that_it_hides_the_perturbation():
+    model, (x, y) = build(DigitsCNN).to(torch.bfloat16), data()
+    xb = x.to(torch.bfloat16)
+    opt = ElasticZO.for_model(model, 0, example_input=xb[:2])
+    with pytest.warns(UserWarning, match="float32"):
+        opt.step(lambda: F.cross_entropy(model(xb), y))
+
+
+def test_param_groups_without_the_model_say_to_pass_it():
+    model = build(DigitsCNN)
+    with pytest.raises(ValueError, match="model="):
+        ElasticZO([{"params": model.parameters()}])

@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from contextlib import nullcontext
 from typing import Callable, Iterable
 
@@ -40,6 +41,7 @@ from elasticzo.zo.noise import NOISE_KINDS, derive_seed, layer_noise
 from elasticzo.zo.perturb import layer_entries, perturbed
 
 RMS_DECAY = 0.99
+LOW_PRECISION = (torch.float16, torch.bfloat16)  # ZO parameters of these dtypes get a float32 master copy
 NONFINITE = ("raise", "ignore")
 _CLI = TrainConfig()  # one set of defaults for Python and the CLI
 
@@ -143,6 +145,10 @@ class ElasticZO(torch.optim.Optimizer):
         self._freeze(model, zo_ids, bp_ids)
         self.zo_layers = self.split.zo  # units: a module and the parameters its forward reads
         self._zo_group_of = {id(p): g for g in self.param_groups if g["part"] == "zo" for p in g["params"]}
+        for p in self._low_precision_zo():
+            self.state[p]["master"] = p.detach().float()  # the ZO update accumulates here: steps below bf16's resolution add up
+        self._has_masters = bool(self._low_precision_zo())
+        self._warned_loss_dtype = False
         self._stats = statistic_modules(model)
         self._rng_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         self.last_projected_grads: torch.Tensor | None = None  # [q] of the last step, on device
@@ -178,9 +184,21 @@ class ElasticZO(torch.optim.Optimizer):
             self.bp_optimizer.param_groups = [g for g in self.param_groups if g["part"] == "bp"]
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
+        masters = {i: s["master"] for i, s in state_dict["state"].items() if "master" in s}
+        super().load_state_dict(state_dict)  # casts every float state to its parameter's dtype: masters restored below
+        params = [p for g in self.param_groups for p in g["params"]]  # the state_dict's index order
+        for i, master in masters.items():
+            self.state[params[i]]["master"] = master.to(device=params[i].device, dtype=torch.float32).clone()
         self._link_bp_optimizer()
         self._zo_group_of = {id(p): g for g in self.param_groups if g["part"] == "zo" for p in g["params"]}
+
+    def _low_precision_zo(self) -> list[torch.Tensor]:
+        return [p for g in self._groups("zo") for p in g["params"] if p.dtype in LOW_PRECISION]
+
+    def _source(self, p: torch.Tensor) -> torch.Tensor:
+        """What the ZO part perturbs and updates in place of ``p``: its float32 master, or ``p`` itself."""
+        state = self.state.get(p)
+        return state["master"] if state and "master" in state else p
 
     @staticmethod
     def _freeze(model: nn.Module, zo_ids: set[int], bp_ids: set[int]) -> None:
@@ -243,7 +261,7 @@ class ElasticZO(torch.optim.Optimizer):
             for sign in (1, -1):
                 with forked_rng(derive_seed(zo["seed"], t, j, DROPOUT_STREAM), self._rng_devices), \
                         frozen_statistics(self._stats, frozen=bool(losses)), \
-                        perturbed(self.zo_layers, seeds, sign * eps, kind), \
+                        perturbed(self.zo_layers, seeds, sign * eps, kind, self._source if self._has_masters else None), \
                         phase("forward_backward" if backward else "forward"):
                     losses.append(collect_pass(closure, backward and (sign > 0 or not plus_only), bp_params, grads))
         return losses
@@ -255,6 +273,11 @@ class ElasticZO(torch.optim.Optimizer):
                                 "parameter was updated. Lower lr_zo/lr_bp or eps, or pass nonfinite='ignore' to skip such ZO steps")
 
     def _zo_apply(self, zo: dict, losses: list[torch.Tensor]) -> None:
+        if losses[0].dtype in LOW_PRECISION and not self._warned_loss_dtype:
+            self._warned_loss_dtype = True
+            warnings.warn(f"ElasticZO: the closure returns a {losses[0].dtype} loss, whose resolution near the loss value "
+                          "is coarser than the change a perturbation makes, so most projected gradients are exactly 0. "
+                          "Compute the loss in float32, e.g. F.cross_entropy(logits.float(), y)", stacklevel=3)
         grads = [self._projected_grad(losses[2 * j], losses[2 * j + 1], zo) for j in range(zo["queries"])]
         self.last_projected_grads = torch.stack(grads)
         with phase("update"):
@@ -263,7 +286,9 @@ class ElasticZO(torch.optim.Optimizer):
             g["step"] += 1
 
     def _projected_grad(self, loss_plus: torch.Tensor, loss_minus: torch.Tensor, zo: dict) -> torch.Tensor:
-        g = (loss_plus.float() - loss_minus.float()) / (2 * zo["eps"])
+        if loss_plus.dtype in LOW_PRECISION:
+            loss_plus, loss_minus = loss_plus.float(), loss_minus.float()
+        g = (loss_plus - loss_minus) / (2 * zo["eps"])
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # a NaN/inf pass must not poison theta
         if zo["grad_clip"] is not None:
             g = g.clamp(-zo["grad_clip"], zo["grad_clip"])
@@ -283,20 +308,23 @@ class ElasticZO(torch.optim.Optimizer):
         return corrected.sqrt().clamp_min(1e-12)
 
     def _zo_update(self, zo: dict, grads: list[torch.Tensor]) -> None:
-        """theta <- theta (1 - lr wd) + sum_j (-g_j lr / q) z_j per ZO group, regenerating each z_j from its seed."""
+        """theta <- theta (1 - lr wd) + sum_j (-g_j lr / q) z_j per ZO group, regenerating each z_j from its seed.
+        Float16/bfloat16 parameters are updated through their float32 master, then rounded once."""
         q = zo["queries"]
         for group in self._groups("zo"):
             if group["weight_decay"]:
-                torch._foreach_mul_(group["params"], zo_decay_factor(group["lr"], group["weight_decay"]))
+                torch._foreach_mul_([self._source(p) for p in group["params"]], zo_decay_factor(group["lr"], group["weight_decay"]))
         for j, g in enumerate(grads):
             coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
             for i, layer in enumerate(self.zo_layers):
                 _, entries = layer_entries(layer)
-                params = [owner._parameters[name] for owner, name in entries]
+                params = [self._source(owner._parameters[name]) for owner, name in entries]
                 with phase("noise"):
                     noise = layer_noise(params, derive_seed(zo["seed"], zo["step"], j, i), zo["noise"])
-                for p, z in zip(params, noise):
-                    apply_direction(p, z, coefs[id(self._zo_group_of[id(p)])])
+                for p, (owner, name), z in zip(params, entries, noise):
+                    apply_direction(p, z, coefs[id(self._zo_group_of[id(owner._parameters[name])])])
+        for p in self._low_precision_zo() if self._has_masters else []:
+            p.copy_(self._source(p))
 
     def _bp_update(self, groups: list[dict], params: list, grads: list, passes: int) -> None:
         """The BP optimiser's step on the mean gradient of the passes."""

@@ -42,6 +42,7 @@ class _Perturbation:
     layer_seeds: Callable[[int], int]
     scale: float
     kind: str
+    source: Callable[[torch.Tensor], torch.Tensor] | None = None  # parameter -> what to perturb (a float32 master)
     swapped: dict = field(default_factory=dict)  # (module, name) -> original Parameter
 
 
@@ -50,15 +51,19 @@ _HOOKED = "_elasticzo_perturb_hooks"
 
 
 @contextmanager
-def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str) -> Iterator[None]:
-    """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i)."""
+def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str,
+              source: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
+    """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i).
+
+    ``source(p)`` is the tensor perturbed in place of ``p`` (a float32 master copy of a float16 /
+    bfloat16 parameter): theta + scale z is formed in its precision, then cast to ``p``'s dtype."""
     index = {}
     for i, layer in enumerate(layers):
         module, entries = layer_entries(layer)
         if not hasattr(module, _HOOKED):
             setattr(module, _HOOKED, (module.register_forward_pre_hook(_swap_in), module.register_forward_hook(_swap_out)))
         index[id(module)] = (i, entries)
-    spec = _Perturbation(index, layer_seeds, scale, kind)
+    spec = _Perturbation(index, layer_seeds, scale, kind, source)
     token = _active.set(spec)
     try:
         yield
@@ -81,8 +86,10 @@ def _swap_in(module: nn.Module, args) -> None:
         return
     index, entries = found
     params = [owner._parameters[name] for owner, name in entries]
+    sources = params if spec.source is None else [spec.source(p) for p in params]
     with memory_tag("zo_noise"):
-        noisy = perturb(params, layer_noise(params, spec.layer_seeds(index), spec.kind), spec.scale)
+        noisy = perturb(sources, layer_noise(sources, spec.layer_seeds(index), spec.kind), spec.scale)
+    noisy = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(noisy, params)]
     for (owner, name), param, value in zip(entries, params, noisy):
         spec.swapped[(owner, name)] = param
         owner._parameters[name] = value  # plain tensor: read by the forward via getattr

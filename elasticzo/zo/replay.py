@@ -25,7 +25,7 @@ def replay_zo(optimizer: ElasticZO, records: list[dict], lrs: list[float]) -> No
         raise ValueError("replay_zo: the optimiser has no ZO part (bp_layers = all)")
     if len(records) != len(lrs):
         raise ValueError(f"replay_zo: {len(records)} log records but {len(lrs)} learning rates")
-    device, dtype = zo["params"][0].device, zo["params"][0].dtype
+    device, dtype = zo["params"][0].device, optimizer._source(zo["params"][0]).dtype  # float32 for a bf16 master
     groups = [g for g in optimizer.param_groups if g["part"] == "zo"]
     for record, lr in zip(records, lrs):
         if record.get("g") is None:
