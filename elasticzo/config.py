@@ -86,6 +86,7 @@ class TrainConfig:
     run_dir: str = ""  # default: runs/<dataset>-<model>-<method>[-k<K>]-<precision>-s<seed>
     resume: bool = False  # continue the run in run_dir from its last checkpoint
     checkpoint_every: int = 500  # steps between mid-epoch checkpoints (0: only at epoch ends)
+    check_every: int = 0  # under torchrun: steps between checks that all replicas hold equal weights (0: each epoch end)
     progress: bool = True  # show a progress bar
     tensorboard: bool = False  # also write TensorBoard event files to <run_dir>/tensorboard (pip install 'elasticzo[tensorboard]')
 
@@ -96,7 +97,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps", "num_points")
         non_negative = ("lr_bp", "grad_clip", "zo_weight_decay", "weight_decay", "train_limit", "test_limit",
-                        "checkpoint_every", "int8_zo_shift", "int8_tile", "threads")
+                        "checkpoint_every", "check_every", "int8_zo_shift", "int8_tile", "threads")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")
@@ -178,7 +179,7 @@ class TrainConfig:
 
 # Settings that may differ between a run and its resumption without changing the result.
 RESUME_FREE = ("resume", "progress", "data_root", "download", "device", "threads", "run_dir", "checkpoint_every",
-               "epochs", "tensorboard")
+               "check_every", "epochs", "tensorboard")
 
 
 def field_kind(name: str) -> type:

@@ -99,6 +99,9 @@ class IntElasticZO(torch.optim.Optimizer):
             layer.backprop = True
         self._init_state()
         self.last_projected_grads: torch.Tensor | None = None  # [1]: d of the last step, integer loss units
+        # reduce(losses, bp_layers) -> losses: sums the passes of data-parallel replicas
+        # (train.distributed); None in a single process.
+        self.reduce: Callable[[torch.Tensor, list[_WeightLayer]], torch.Tensor] | None = None
 
     def _init_state(self) -> None:
         """A carry of half a unit per ZO weight (floor then rounds to nearest) and D = 0."""
@@ -132,21 +135,31 @@ class IntElasticZO(torch.optim.Optimizer):
         self._zo_update(zo, d)
 
     def step(self, closure: Closure) -> torch.Tensor:  # type: ignore[override]
-        """One step; returns the integer loss summed over the batch (the mean of the two passes)."""
+        """One step; returns the integer loss summed over the batch (the mean of the two passes).
+
+        All passes run before any update, so that data-parallel replicas can sum their integer
+        losses and tail gradients in one reduction (``self.reduce``) before everyone updates alike.
+        """
         if closure is None:
             raise ValueError("IntElasticZO.step needs a closure(backward: bool) that returns the integer loss")
         zo, bp = self._group("zo"), self._group("bp")
         if zo is None:
-            loss = self._evaluate(closure, backward=True)
+            losses = self._evaluate(closure, backward=True).reshape(1)
         else:
             with self._perturbed(zo, +1):
                 loss_plus = self._evaluate(closure, backward=bp is not None)
             with self._perturbed(zo, -1):
                 loss_minus = self._evaluate(closure, backward=False)
+            losses = torch.stack([loss_plus, loss_minus])
+        if self.reduce is not None:
+            losses = self.reduce(losses, self.bp_layers)
+        if zo is None:
+            loss = losses[0]
+        else:
             with phase("update"):
-                self._zo_update(zo, loss_plus - loss_minus)
+                self._zo_update(zo, losses[0] - losses[1])
             zo["step"] += 1
-            loss = (loss_plus + loss_minus) >> 1
+            loss = (losses[0] + losses[1]) >> 1
         if bp is not None:
             with phase("update"):
                 self._bp_update(bp)

@@ -152,6 +152,9 @@ class ElasticZO(torch.optim.Optimizer):
         self._stats = statistic_modules(model)
         self._rng_devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         self.last_projected_grads: torch.Tensor | None = None  # [q] of the last step, on device
+        # reduce(losses [2q], grads, bp_params) -> (losses, grads): combines the passes of
+        # data-parallel replicas in one collective (train.distributed); None in a single process.
+        self.reduce: Callable | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, bp_layers: int | None = None, **options) -> "ElasticZO":
@@ -244,6 +247,9 @@ class ElasticZO(torch.optim.Optimizer):
         if not self._order_checked:  # first step of a split in registration order: check the forward agrees
             check_order(self.split, ran)
             self._order_checked = True
+        if self.reduce is not None:  # all passes ran, nothing is updated yet: replicas combine here
+            reduced, grads = self.reduce(torch.stack(losses), grads, bp_params)
+            losses = list(reduced.unbind())
         self._check_finite(losses)
         if zo is not None:
             self._zo_apply(zo, losses)

@@ -84,6 +84,7 @@ class Learner:
         self.optimizer = build_optimizer(config, self.model, self.bp_layers)
         self.schedule = config.schedule
         self.base = [dict(g) for g in self.optimizer.param_groups]  # hyper-parameters at progress 0
+        self.replicas = None  # set by train.distributed.attach under torchrun
 
     def set_progress(self, progress: float) -> None:
         """Set the learning rates for ``progress`` (fraction of all steps done)."""
@@ -101,7 +102,8 @@ class Learner:
         if self.int8:
             from elasticzo.int8.loss import loss_closure, loss_to_nats
 
-            return loss_to_nats(self.optimizer.step(loss_closure(self.model, x, y))) / x.shape[0]
+            count = x.shape[0] if self.replicas is None else self.replicas.batch_count  # the loss sums all ranks
+            return loss_to_nats(self.optimizer.step(loss_closure(self.model, x, y))) / count
 
         def closure(backward: bool = True) -> torch.Tensor:
             loss = F.cross_entropy(self.model(x), y)

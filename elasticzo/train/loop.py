@@ -11,6 +11,9 @@ Run directory layout::
 Resuming reads the checkpoint, cuts metrics.jsonl and seeds.jsonl back to what the checkpoint
 covers, and replays the remaining steps with the same batches and seeds, so a resumed run ends
 bit-identical to an uninterrupted one.
+
+Under torchrun (``train.distributed``) every rank runs this loop on its slice of each batch;
+only rank 0 writes the run directory and logs.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from tqdm import tqdm
 
 from elasticzo.config import RESUME_FREE, TrainConfig
 from elasticzo.data import BatchLoader, is_point_dataset, load_dataset
+from elasticzo.train import distributed
 from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from elasticzo.train.events import EventLog, summary_writer_class
 from elasticzo.train.health import collapse_warning
@@ -85,7 +89,26 @@ def torch_threads(threads: int):
 
 
 def _train(config: TrainConfig, log) -> list[dict]:
+    """Alone, or as one rank of a torchrun group (``train.distributed``): only rank 0 logs."""
     device = resolve_device(config.device)
+    replicas = distributed.Replicas(distributed.device_for_rank(device)) if distributed.launched() else None
+    try:
+        if replicas is not None:
+            device = replicas.device
+            replicas.check_configs(config.to_dict())
+            log = log if replicas.writer else _quiet
+        return _train_on(config, device, replicas, log)
+    finally:
+        if replicas is not None:
+            replicas.close()
+
+
+def _quiet(*_args) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train_on(config: TrainConfig, device: torch.device, replicas, log) -> list[dict]:
+    writer = replicas is None or replicas.writer
     data = _load_data(config, device)
     learner = make_learner(config, data["num_classes"], device)
     config = config.resolved(device.type, learner.num_layers)  # what config.json records
@@ -97,34 +120,36 @@ def _train(config: TrainConfig, log) -> list[dict]:
     loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed)
     if config.tensorboard:
         summary_writer_class()  # fail before the run dir is made, not after
-    pos = _start(config, run_dir, learner)
+    pos = _start(config, run_dir, learner) if replicas is None else _start_replicas(config, run_dir, learner, replicas)
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
-        f"bp_layers={learner.bp_layers} {config.precision} on {device}")
+        f"bp_layers={learner.bp_layers} {config.precision} on {device}"
+        + ("" if replicas is None else f" x {replicas.world} ranks"))
     describe = getattr(learner.optimizer, "describe_split", None)
     if describe is not None:  # which layers train with ZO and which with BP, and what each costs
         log(describe())
     if config.resume and pos.epoch >= config.epochs:
         log(f"run {run_dir} is finished ({pos.epoch}/{config.epochs} epochs); nothing to train. "
             "To train on, resume with a larger --epochs.")
-    if config.init and pos.global_step == 0 and not pos.history:
+    if config.init and pos.global_step == 0 and not pos.history and writer:
         record = _initial_record(config, run_dir, learner, data, pos)
         log(f"epoch 0/{config.epochs}: test_acc {record['test_acc']:.2f} % | initial weights from {config.init}")
-    events = EventLog(run_dir, config.tensorboard, pos.global_step)
+    events = EventLog(run_dir, config.tensorboard and writer, pos.global_step)
     try:
         if pos.history and pos.global_step == 0:
             events.epoch(pos.history[0])  # epoch 0 of a fine-tuning run
-        _run_epochs(config, run_dir, learner, loader, data, pos, log, events)
+        _run_epochs(config, run_dir, learner, loader, data, pos, log, events, replicas)
     finally:
         events.close()
     return pos.history
 
 
-def _run_epochs(config, run_dir, learner, loader, data, pos: RunPosition, log, events: EventLog) -> None:
+def _run_epochs(config, run_dir, learner, loader, data, pos: RunPosition, log, events: EventLog,
+                replicas=None) -> None:
     """Epochs until ``config.epochs``: train, evaluate, log, check for a collapse."""
     total = config.epochs * len(loader)
     while pos.epoch < config.epochs:
-        _train_epoch(config, run_dir, learner, loader, pos, total, events)
-        record = _end_epoch(config, run_dir, learner, data, pos)
+        _train_epoch(config, run_dir, learner, loader, pos, total, events, replicas)
+        record = _end_epoch(config, run_dir, learner, data, pos, replicas)
         events.epoch(record)
         log(f"epoch {record['epoch']}/{config.epochs}: test_acc {record['test_acc']:.2f} % | "
             f"train_loss {record['train_loss']:.4f} | {record['epoch_seconds']:.1f} s "
@@ -190,6 +215,24 @@ def _start(config: TrainConfig, run_dir: Path, learner) -> RunPosition:
     return pos
 
 
+def _start_replicas(config: TrainConfig, run_dir: Path, learner, replicas) -> RunPosition:
+    """Rank 0 starts or resumes the run dir; every rank then takes rank 0's state and position."""
+    pos, error = None, None
+    if replicas.writer:
+        try:
+            pos = _start(config, run_dir, learner)
+        except Exception as err:  # re-raised on rank 0 by share_outcome, reported on the others
+            error = err
+    replicas.share_outcome(error)
+    mine = (learner.state_tensors(), learner.state_meta(), dict(pos.__dict__)) if replicas.writer else None
+    tensors, meta, position = replicas.broadcast_state(mine)
+    if not replicas.writer:
+        learner.load_state({k: v.to(replicas.device) for k, v in tensors.items()}, meta, Path("<rank 0>"))
+        pos = RunPosition(**position)
+    distributed.attach(learner, replicas)
+    return pos
+
+
 def _check_same_run(config: TrainConfig, path: Path) -> None:
     saved = TrainConfig.load(path).to_dict()
     wanted = config.to_dict()
@@ -205,13 +248,17 @@ def _truncate_jsonl(path: Path, keep) -> None:
         path.write_text("".join(ln + "\n" for ln in lines if keep(json.loads(ln))))
 
 
-def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int, events: EventLog) -> None:
+def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int, events: EventLog,
+                 replicas=None) -> None:
+    writer = replicas is None or replicas.writer
     pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
     bar = tqdm(total=len(loader), initial=pos.step_in_epoch, desc=f"epoch {pos.epoch + 1}/{config.epochs}",
-               disable=not config.progress, leave=False, dynamic_ncols=True)
+               disable=not (config.progress and writer), leave=False, dynamic_ncols=True)
     start = time.perf_counter()
     for x, y in loader.epoch_batches(pos.epoch, pos.step_in_epoch):
         learner.set_progress(pos.global_step / total)
+        if replicas is not None:
+            x, y = replicas.shard(x, y)
         loss = learner.train_step(x, y)
         record = learner.step_record()
         pending.append((pos.global_step, loss, None if record is None else record.detach()))  # fresh each step
@@ -219,19 +266,22 @@ def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int,
         pos.step_in_epoch += 1
         checkpoint_due = config.checkpoint_every and pos.global_step % config.checkpoint_every == 0
         if len(pending) >= CHECK_EVERY or pos.step_in_epoch == len(loader) or checkpoint_due:
-            events.steps(_flush(run_dir, pos, pending, bar))
+            events.steps(_flush(run_dir, pos, pending, bar, writer))
             bar.update(len(pending))
             pending.clear()
-            if checkpoint_due and pos.step_in_epoch < len(loader):  # the epoch end saves anyway
+            if checkpoint_due and pos.step_in_epoch < len(loader) and writer:  # the epoch end saves anyway
                 pos.epoch_seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 _save(run_dir, learner, pos)
+        if replicas is not None and config.check_every and pos.global_step % config.check_every == 0:
+            replicas.check_replicas(learner.state_tensors(), pos.global_step)
     pos.epoch_seconds += time.perf_counter() - start
     bar.close()
 
 
-def _flush(run_dir: Path, pos: RunPosition, pending: list, bar) -> list[tuple[int, float]]:
-    """One host sync for many steps: check losses are finite, append to the seed log; (step, loss) pairs."""
+def _flush(run_dir: Path, pos: RunPosition, pending: list, bar, writer: bool = True) -> list[tuple[int, float]]:
+    """One host sync for many steps: check losses are finite, append to the seed log (``writer``
+    only); (step, loss) pairs."""
     losses = torch.stack([p[1] for p in pending]).double().tolist()
     bad = next((step for (step, _, _), v in zip(pending, losses) if not math.isfinite(v)), None)
     if bad is not None:
@@ -239,34 +289,54 @@ def _flush(run_dir: Path, pos: RunPosition, pending: list, bar) -> list[tuple[in
         where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
         raise TrainingDiverged(f"non-finite loss at step {bad} (epoch {pos.epoch + 1}); training stopped; "
                                f"{where}. Lower --lr-zo / --lr-bp or --grad-clip and start again.")
-    with open(run_dir / "seeds.jsonl", "a") as f:
-        for (step, _, g), loss in zip(pending, losses):
-            f.write(json.dumps({"step": step, "epoch": pos.epoch, "loss": loss,
-                                "g": None if g is None else g.double().tolist()}) + "\n")
-            pos.loss_sum += loss
+    for loss in losses:
+        pos.loss_sum += loss
+    if writer:
+        with open(run_dir / "seeds.jsonl", "a") as f:
+            for (step, _, g), loss in zip(pending, losses):
+                f.write(json.dumps({"step": step, "epoch": pos.epoch, "loss": loss,
+                                    "g": None if g is None else g.double().tolist()}) + "\n")
     bar.set_postfix(loss=f"{losses[-1]:.4f}")
     return [(step, loss) for (step, _, _), loss in zip(pending, losses)]
 
 
-def _end_epoch(config, run_dir, learner, data, pos: RunPosition) -> dict:
+def _end_epoch(config, run_dir, learner, data, pos: RunPosition, replicas=None) -> dict:
     steps = pos.step_in_epoch
-    record = {"epoch": pos.epoch + 1, "test_acc": evaluate(learner, data["x_test"], data["y_test"], config.batch_size * 16),
+    record = {"epoch": pos.epoch + 1, "test_acc": _test_accuracy(config, learner, data, replicas),
               "train_loss": pos.loss_sum / max(steps, 1), "epoch_seconds": pos.epoch_seconds,
               "step_seconds": pos.epoch_seconds / max(steps, 1), "steps": pos.global_step}
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if replicas is not None:
+        record.update(world_size=replicas.world, comm_bytes_per_step=replicas.bytes_per_step,
+                      collectives_per_step=replicas.collectives)
+        replicas.check_replicas(learner.state_tensors(), pos.global_step)
     pos.history.append(record)
     pos.epoch, pos.step_in_epoch, pos.loss_sum, pos.epoch_seconds = pos.epoch + 1, 0, 0.0, 0.0
-    _save(run_dir, learner, pos)
+    if replicas is None or replicas.writer:
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        _save(run_dir, learner, pos)
     return record
+
+
+def _test_accuracy(config, learner, data, replicas) -> float:
+    """Test accuracy in percent; under torchrun each rank counts its slice of the test set."""
+    x, y, batch = data["x_test"], data["y_test"], config.batch_size * 16
+    if replicas is None:
+        return evaluate(learner, x, y, batch)
+    lo, hi = distributed.shard_bounds(x.shape[0], replicas.rank, replicas.world)
+    return 100.0 * replicas.sum(count_correct(learner, x[lo:hi], y[lo:hi], batch)) / max(x.shape[0], 1)
+
+
+def count_correct(learner, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> int:
+    correct = 0
+    for lo in range(0, x.shape[0], batch_size):
+        correct += int((learner.predict(x[lo:lo + batch_size]) == y[lo:lo + batch_size]).sum())
+    return correct
 
 
 def evaluate(learner, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
     """Test accuracy in percent."""
-    correct = 0
-    for lo in range(0, x.shape[0], batch_size):
-        correct += int((learner.predict(x[lo:lo + batch_size]) == y[lo:lo + batch_size]).sum())
-    return 100.0 * correct / max(x.shape[0], 1)
+    return 100.0 * count_correct(learner, x, y, batch_size) / max(x.shape[0], 1)
 
 
 def _save(run_dir: Path, learner, pos: RunPosition) -> None:
