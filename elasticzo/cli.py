@@ -1,4 +1,5 @@
-"""Command line: ``elasticzo train`` (flags generated from ``TrainConfig``), ``bench``, ``plan``, ``replay``.
+"""Command line: ``elasticzo train`` (flags generated from ``TrainConfig``), ``bench``, ``plan``, ``replay``,
+``federated``.
 
 Every user error (bad flag or value, missing data, corrupt checkpoint, divergence) ends with a
 one-line message that names the culprit and a non-zero exit status, never a traceback.
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     replay.add_argument("run_dir", metavar="RUN_DIR", help="the run's folder (config.json, seeds.jsonl, checkpoint)")
     replay.add_argument("--out", default=None, help="also write the rebuilt ZO weights to this safetensors file")
+    federated = sub.add_parser("federated", help="federated ElasticZO (clients exchange seeds and scalars, "
+                               "and the BP tail) on Flower's simulation engine",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_flags(federated)
+    from elasticzo.federated.cli import add_federated_flags
+
+    add_federated_flags(federated)
     return parser
 
 
@@ -157,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             from elasticzo.train.replay import replay_main
 
             return replay_main(args.run_dir, args.out)
+        elif args.command == "federated":
+            from elasticzo.federated.cli import federated_main
+
+            return federated_main(config_from_args(args), args)
     except KeyboardInterrupt:
         print("elasticzo: interrupted; resume with --resume", file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ def _subparsers() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["train", "bench", "plan", "replay"])
+@pytest.mark.parametrize("command", ["train", "bench", "plan", "replay", "federated"])
 def test_every_flag_has_help_and_shows_its_default(command):
     parser = _subparsers()[command]
     for action in parser._actions:
