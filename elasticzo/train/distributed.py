@@ -50,6 +50,8 @@ class Replicas:
     """This process's place in a data-parallel group, and the collectives of a training run."""
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # nccl's object collectives use the current device
         self.owns_group = not dist.is_initialized()
         if self.owns_group:
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
