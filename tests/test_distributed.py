@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from elasticzo.config import TrainConfig
 from elasticzo.models import build_model, parametrised_layers
-from elasticzo.train.distributed import shard_bounds, state_digest
+from elasticzo.train.distributed import _from_limbs, _limbs, shard_bounds, state_digest
 from elasticzo.train.loop import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,6 +70,15 @@ def test_shard_bounds_partition_the_batch(n, world):
     assert all(hi == lo for (_, hi), (lo, _) in zip(bounds, bounds[1:]))  # contiguous, disjoint
     sizes = [hi - lo for lo, hi in bounds]
     assert max(sizes) - min(sizes) <= 1
+
+
+@given(values=st.lists(st.lists(st.integers(-(2**52), 2**52), min_size=2, max_size=2), min_size=1, max_size=8))
+def test_int64_losses_sum_exactly_as_int32_limbs(values):
+    """What INT8 ranks send for their losses: the int32 sum of the limbs gives the exact int64 sum."""
+    per_rank = [_limbs(torch.tensor(v, dtype=torch.int64)) for v in values]
+    assert all(t.dtype == torch.int32 for t in per_rank)
+    total = _from_limbs(torch.stack(per_rank).sum(0, dtype=torch.int32))
+    assert total.tolist() == [sum(v[i] for v in values) for i in range(2)]
 
 
 def test_state_digest_sees_one_bit_and_ignores_order():
@@ -152,14 +161,15 @@ def test_resume_after_sigkill_of_one_rank(two_rank_run, data_root, tmp_path):
 
 def test_four_ranks_int8_with_empty_slices(data_root, tmp_path):
     """INT8 ElasticZO k=2 on 4 ranks; 258 examples leave a last batch of 2, so 2 ranks get no data.
-    Integer sums: 2 int64 losses + the int64 tail gradients, after a MAX of the 2 exponents."""
+    Integer sums in int32: 2 losses as 3 limbs each + the tail gradients, after a MAX of the 2
+    layers' exponents and top bits (int64)."""
     run_dir = tmp_path / "int8"
     proc = train_cli(4, run_dir, data_root, "--precision", "int8", "--train-limit", "258", "--epochs", "2")
     out = finish(proc)
     assert proc.returncode == 0, out
     records = metrics(run_dir)
     tail_weights = sum(layer.weight.numel() for layer in parametrised_layers(build_model("lenet5", 10))[-2:])
-    assert all(r["comm_bytes_per_step"] == 8 * (2 + tail_weights) + 8 * 2 for r in records)
+    assert all(r["comm_bytes_per_step"] == 4 * (2 * 3 + tail_weights) + 8 * 2 * 2 for r in records)
     assert all(r["collectives_per_step"] == 2 and r["world_size"] == 4 for r in records)
     assert records[-1]["test_acc"] > 30  # it learns (a 10-class guess is 10 %)
 

@@ -9,9 +9,10 @@ scalars per step instead of a gradient: every rank regenerates z from the shared
 
 - FP32: each rank weights its mean loss and gradients by n_r / B before the sum, so the result
   is the global-batch mean; it equals a single-process step up to float summation order.
-- INT8: losses and weight gradients are integer sums, so the sum over ranks is exact. Tail
-  gradients carry a per-rank power-of-two exponent, aligned first to the largest one (a MAX
-  all-reduce of one int64 per BP layer, so INT8 with a BP tail needs two collectives per step).
+- INT8: losses and weight gradients are integer sums, so the sum over ranks is exact (int32 on
+  the wire). Tail gradients carry a per-rank power-of-two exponent, aligned first to the largest
+  one (a MAX all-reduce of two int64 per BP layer, so INT8 with a BP tail needs two collectives
+  per step).
   A single process is NOT reproduced bit for bit: NITI rescales activations by the largest value
   in the batch, so a slice of a batch is quantised differently from the whole batch.
 
@@ -26,6 +27,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from elasticzo.int8.rounding import bitlength, shift_round_nearest
 
 RANK_FREE = ("progress", "data_root", "download", "device")  # may differ between ranks
 
@@ -93,23 +96,36 @@ class Replicas:
         return flat[:losses.numel()].view(losses.shape), [g.view(p.shape) for g, p in zip(sums, params)]
 
     def reduce_int(self, losses: torch.Tensor, layers: list) -> torch.Tensor:
-        """Exact integer sums of the losses and of the tail gradients (aligned to the largest exponent)."""
+        """Exact integer sums of the losses and of the tail gradients, in int32.
+
+        A MAX all-reduce first agrees on each tail layer's largest exponent and top bit, so that
+        every rank aligns its gradient to that exponent with enough headroom for the sum of
+        ``world`` of them in int32 (an extra right shift only if it would not fit; in practice
+        none). The int64 losses travel as three 21-bit limbs, whose int32 sums are exact.
+        """
         keep = int(self.weight > 0)
-        exponents = None
-        if layers:
-            local = torch.stack([torch.as_tensor(l.grad_exponent, dtype=torch.int64, device=self.device)
-                                 for l in layers]) if keep else torch.full((len(layers),), -(1 << 40), device=self.device)
-            exponents = local.clone()
-            self._all_reduce(exponents, op=dist.ReduceOp.MAX, first=True)
-        parts = [losses.to(torch.int64).reshape(-1) * keep]
+        shifts = self._common_exponents(layers, keep) if layers else None
+        parts = [_limbs(losses.to(torch.int64).reshape(-1)) * keep]
         for i, layer in enumerate(layers):
-            parts.append(_shift_right(layer.grad_acc.to(torch.int64), exponents[i] - local[i]).reshape(-1) * keep)
+            aligned = _shift_right(layer.grad_acc.to(torch.int64), shifts[i] - _exponent(layer, self.device))
+            parts.append(aligned.to(torch.int32).reshape(-1) * keep)
         flat = torch.cat(parts)
         self._all_reduce(flat, first=not layers)
-        sizes = [p.numel() for p in parts]
-        for i, (layer, g) in enumerate(zip(layers, flat[losses.numel():].split(sizes[1:]))):
-            layer.grad_acc, layer.grad_exponent = g.view(layer.grad_acc.shape), exponents[i]
-        return flat[:losses.numel()].view(losses.shape)
+        sums = flat.split([t.numel() for t in parts])
+        for i, (layer, g) in enumerate(zip(layers, sums[1:])):
+            layer.grad_acc, layer.grad_exponent = g.view(layer.grad_acc.shape), shifts[i]
+        return _from_limbs(sums[0]).view(losses.shape)
+
+    def _common_exponents(self, layers: list, keep: int) -> torch.Tensor:
+        """Per layer, the exponent all ranks align to: the largest, raised until world sums fit int32."""
+        never = torch.full((len(layers),), -(1 << 40), dtype=torch.int64, device=self.device)
+        exps = torch.stack([_exponent(l, self.device) for l in layers]) if keep else never
+        tops = torch.stack([bitlength(l.grad_acc).to(self.device) for l in layers]) + exps if keep else never
+        both = torch.cat([exps, tops])
+        self._all_reduce(both, op=dist.ReduceOp.MAX, first=True)
+        exp, top = both.split(len(layers))
+        headroom = (self.world - 1).bit_length() + 1  # sum of `world` terms, plus one for rounding up
+        return exp + (top - exp + headroom - 31).clamp(min=0)
 
     def _all_reduce(self, tensor: torch.Tensor, op=dist.ReduceOp.SUM, first: bool = False) -> None:
         if first:
@@ -165,9 +181,26 @@ class Replicas:
 
 def _shift_right(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x / 2**s rounded to nearest (s >= 0, a 0-dim tensor), exact for s == 0."""
-    from elasticzo.int8.rounding import shift_round_nearest
+    return shift_round_nearest(x, s.clamp(min=0, max=62))
 
-    return shift_round_nearest(x, s.clamp(max=62))
+
+def _exponent(layer, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(layer.grad_exponent, dtype=torch.int64, device=device)
+
+
+LIMB = 21  # bits per limb: 3 limbs hold an int64, and 2**10 ranks' sums of a limb fit in int32
+
+
+def _limbs(x: torch.Tensor) -> torch.Tensor:
+    """int64 [n] -> int32 [3n]: x = l0 + l1 2**21 + l2 2**42 (l0, l1 unsigned, l2 signed)."""
+    mask = (1 << LIMB) - 1
+    return torch.cat([x & mask, (x >> LIMB) & mask, x >> (2 * LIMB)]).to(torch.int32)
+
+
+def _from_limbs(limbs: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``_limbs`` applied to (sums of) limbs: exact while the total fits int64."""
+    l0, l1, l2 = limbs.to(torch.int64).chunk(3)
+    return l0 + (l1 << LIMB) + (l2 << (2 * LIMB))
 
 
 def state_digest(tensors: dict[str, torch.Tensor]) -> str:
