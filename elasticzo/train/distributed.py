@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 
-RANK_FREE = ("progress", "data_root", "download", "device")  # may differ between ranks
+RANK_FREE = ("progress", "data_root", "download", "device", "threads", "tensorboard")  # may differ between ranks
 
 
 class ReplicaMismatch(RuntimeError):
