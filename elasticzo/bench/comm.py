@@ -33,10 +33,10 @@ def launch(nproc: int, run_dir: Path, data_root: str, args: list[str]) -> list[d
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def bytes_table(out: Path, data_root: str) -> list[dict]:
+def bytes_table(out: Path, data_root: str, precisions: list[str]) -> list[dict]:
     """Bytes per step of each method and precision on 2 ranks (a few steps suffice: the size is fixed)."""
     rows = []
-    for precision in ("fp32", "int8"):
+    for precision in precisions:
         for name, flags in METHODS.items():
             run = out / "runs" / f"bytes-{name}-{precision}"
             record = launch(2, run, data_root, flags + ["--precision", precision, "--train-limit", "256",
@@ -47,10 +47,10 @@ def bytes_table(out: Path, data_root: str) -> list[dict]:
     return rows
 
 
-def scaling_table(out: Path, data_root: str, epochs: int, train_limit: int) -> list[dict]:
+def scaling_table(out: Path, data_root: str, epochs: int, train_limit: int, precisions: list[str]) -> list[dict]:
     """Test accuracy after ``epochs`` epochs of ElasticZO k=2 (FP32 and INT8) on 1, 2 and 4 processes."""
     rows = []
-    for precision in ("fp32", "int8"):
+    for precision in precisions:
         for nproc in (1, 2, 4):
             run = out / "runs" / f"scale-k2-{precision}-n{nproc}"
             records = launch(nproc, run, data_root, ["--bp-layers", "2", "--precision", precision, "--epochs",
@@ -79,13 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-results/comm")
     p.add_argument("--epochs", type=int, default=2, help="epochs of the 1/2/4-process accuracy runs")
     p.add_argument("--train-limit", type=int, default=10000, help="training examples of those runs (0: all)")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "int8"], choices=("fp32", "int8"))
+    p.add_argument("--skip-scaling", action="store_true", help="only the bytes table")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"epochs": args.epochs, "train_limit": args.train_limit, "model": "lenet5", "dataset": "mnist",
                 "batch_size": 64, "launcher": "torchrun --standalone, gloo, OMP_NUM_THREADS=1"}
-    bytes_rows = bytes_table(out, args.data_root)
-    scale_rows = scaling_table(out, args.data_root, args.epochs, args.train_limit)
+    bytes_rows = bytes_table(out, args.data_root, args.precisions)
+    scale_rows = [] if args.skip_scaling else scaling_table(out, args.data_root, args.epochs, args.train_limit,
+                                                             args.precisions)
     (out / "results.json").write_text(json.dumps({"settings": settings, "bytes": bytes_rows,
                                                   "scaling": scale_rows}, indent=2) + "\n")
     (out / "results.md").write_text(markdown(bytes_rows, scale_rows, settings))
