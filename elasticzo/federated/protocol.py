@@ -25,7 +25,7 @@ import torch
 
 from elasticzo.config import TrainConfig
 from elasticzo.data import BatchLoader
-from elasticzo.train.learner import FloatLearner
+from elasticzo.train.learner import Learner
 from elasticzo.zo.noise import derive_seed
 from elasticzo.zo.replay import replay_zo
 
@@ -53,11 +53,11 @@ class FedSettings:
         return self
 
 
-def zo_part(learner: FloatLearner) -> dict | None:
+def zo_part(learner: Learner) -> dict | None:
     return next((g for g in learner.optimizer.param_groups if g["part"] == "zo"), None)
 
 
-def tail_params(learner: FloatLearner) -> list[torch.Tensor]:
+def tail_params(learner: Learner) -> list[torch.Tensor]:
     group = next((g for g in learner.optimizer.param_groups if g["part"] == "bp"), None)
     return [] if group is None else group["params"]
 
@@ -75,7 +75,7 @@ def payload_bytes(message: dict) -> int:
     return total
 
 
-def replay_round(learner: FloatLearner, round_: int, gbar: torch.Tensor, total_steps: int) -> None:
+def replay_round(learner: Learner, round_: int, gbar: torch.Tensor, total_steps: int) -> None:
     """Apply the aggregated ZO update of ``round_`` (gbar [T, q]) to the learner's ZO part."""
     zo = zo_part(learner)
     if zo is None or gbar.numel() == 0:
@@ -96,7 +96,7 @@ class FedClient:
     def __init__(self, config: TrainConfig, fed: FedSettings, cid: int, x: torch.Tensor, y: torch.Tensor,
                  num_classes: int, device: torch.device):
         self.config, self.fed, self.cid = config, fed, cid
-        self.learner = FloatLearner(config, num_classes, device)  # same seed: the server's initial weights
+        self.learner = Learner(config, num_classes, device)  # same seed: the server's initial weights
         self.loader = BatchLoader(x, y, config.batch_size, seed=derive_seed(config.seed, cid, 1, 0))
         self.num_examples = x.shape[0]
         zo = zo_part(self.learner)
@@ -172,7 +172,7 @@ class FedServer:
 
     def __init__(self, config: TrainConfig, fed: FedSettings, num_classes: int, device: torch.device):
         self.config, self.fed = config, fed
-        self.learner = FloatLearner(config, num_classes, device)
+        self.learner = Learner(config, num_classes, device)
         self.history: list[torch.Tensor] = []  # gbar [T, q] of each round
         self.synced: dict[int, int] = {}  # client -> rounds it has applied (as far as the server knows)
         self.total_steps = fed.rounds * fed.local_steps
