@@ -100,8 +100,8 @@ class Replicas:
 
         A MAX all-reduce first agrees on each tail layer's largest exponent and top bit, so that
         every rank aligns its gradient to that exponent with enough headroom for the sum of
-        ``world`` of them in int32 (an extra right shift only if it would not fit; in practice
-        none). The int64 losses travel as three 21-bit limbs, whose int32 sums are exact.
+        ``world`` of them in int32 (an extra, rounding right shift only when the sum would not fit
+        otherwise). The int64 losses travel as three 21-bit limbs, whose int32 sums are exact.
         """
         keep = int(self.weight > 0)
         shifts = self._common_exponents(layers, keep) if layers else None
