@@ -58,8 +58,8 @@ def zo_part(learner: Learner) -> dict | None:
 
 
 def tail_params(learner: Learner) -> list[torch.Tensor]:
-    group = next((g for g in learner.optimizer.param_groups if g["part"] == "bp"), None)
-    return [] if group is None else group["params"]
+    """The BP tail's parameters, over all its parameter groups."""
+    return [p for g in learner.optimizer.param_groups if g["part"] == "bp" for p in g["params"]]
 
 
 def payload_bytes(message: dict) -> int:
@@ -112,9 +112,9 @@ class FedClient:
         for p, value in zip(tail_params(self.learner), message["tail"]):
             p.data.copy_(value)
             self.learner.optimizer.state.pop(p, None)  # local momentum starts afresh each round
-        zo = zo_part(self.learner)
-        if zo is not None:
-            zo["step"] = round_ * self.fed.local_steps  # the round's shared seeds
+        for group in self.learner.optimizer.param_groups:
+            if group["part"] == "zo":
+                group["step"] = round_ * self.fed.local_steps  # the round's shared seeds
         drop_at = self._drop_step(round_)
         start = self._local_state()
         grads = []
