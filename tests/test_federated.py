@@ -63,6 +63,8 @@ def _config(data_root, **changes) -> TrainConfig:
     settings_ = dict(data_root=str(data_root), train_limit=800, test_limit=300, bp_layers=2, download=False,
                      progress=False, batch_size=32)
     settings_.update(changes)
+    if settings_.get("method") == "bp":
+        del settings_["bp_layers"]  # every layer is BP; a split would be refused
     return TrainConfig(**settings_)
 
 
