@@ -14,6 +14,7 @@ import sys
 
 from elasticzo import __version__
 from elasticzo import config as config_module
+from elasticzo.bench.grid import GRID_DATASETS, GRID_METHODS, PRECISION_CHOICES
 from elasticzo.config import TrainConfig
 
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
@@ -76,16 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_bench_flags(p: argparse.ArgumentParser) -> None:
-    """Flags of ``elasticzo bench`` (validated again by ``bench.runner.BenchConfig``)."""
+    """Flags of ``elasticzo bench`` (validated again by ``bench.grid.BenchConfig``)."""
     p.add_argument("--out", default="bench-results", help="folder for results.json/csv/md, plots and runs/")
     p.add_argument("--quick", action="store_true", help="CI size: 1000 train / 500 test examples, 1 epoch, "
                    "20 timed steps (each size flag below overrides it)")
-    p.add_argument("--datasets", nargs="+", default=["mnist", "fashion-mnist"], choices=("mnist", "fashion-mnist"),
+    p.add_argument("--datasets", nargs="+", default=list(GRID_DATASETS), choices=GRID_DATASETS,
                    help="datasets of the grid")
-    methods = ("bp", "zo", "k1", "k2", "k3")  # bench.runner.GRID_METHODS (a test keeps them equal)
+    methods = tuple(GRID_METHODS)
     p.add_argument("--methods", nargs="+", default=list(methods), choices=methods,
                    help="bp: all layers BP; zo: vanilla ZO; kK: ElasticZO with the last K layers in BP")
-    p.add_argument("--precision", default="all", choices=("fp32", "int8", "all"),
+    p.add_argument("--precision", default="all", choices=PRECISION_CHOICES,
                    help="all: fp32 rows, and int8 rows when the INT8 learner exists (else a note says why not)")
     p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"), help="model of every run")
     p.add_argument("--batch-size", type=int, default=64, help="examples per step")
@@ -152,12 +153,13 @@ def main(argv: list[str] | None = None) -> int:
 
             train(config_from_args(args))
         elif args.command == "bench":
-            from elasticzo.bench.runner import bench_config_from_args, run_bench
+            from elasticzo.bench.grid import bench_config_from_args
+            from elasticzo.bench.runner import run_bench
 
             run_bench(bench_config_from_args(args, argv))
         elif args.command == "plan":
             from elasticzo.bench.plan import plan_main
-            from elasticzo.bench.runner import parse_overrides
+            from elasticzo.bench.grid import parse_overrides
 
             return plan_main(args.model, args.batch_size, args.precision, args.budget, args.device,
                              settings=parse_overrides(args.overrides))

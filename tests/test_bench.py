@@ -15,8 +15,10 @@ import torch.nn.functional as F
 
 from elasticzo.bench.peer import MeZOPeer, PlainBPLoop, forward_loss
 from elasticzo.bench.plan import measure_splits
-from elasticzo.bench.runner import (GRID_METHODS, BenchConfig, Method, compute_ratios, grid_methods,
-                                    parse_overrides, run_bench, time_interleaved)
+from elasticzo.bench.grid import GRID_METHODS, BenchConfig, Method, grid_methods, parse_overrides
+from elasticzo.bench.measure import time_interleaved
+from elasticzo.bench.ratios import compute_ratios
+from elasticzo.bench.runner import run_bench
 from elasticzo.cli import build_parser, main
 from elasticzo.config import TrainConfig
 from elasticzo.models import LeNet5, build_model

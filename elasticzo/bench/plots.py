@@ -22,7 +22,7 @@ from pathlib import Path
 from elasticzo.bench.timing import PHASE_ORDER
 
 FORMATS = ("png", "svg")
-CURVE = ("zo", "k1", "k2", "k3", "bp")  # keys of runner.GRID_METHODS, in order along the trade-off
+CURVE = ("zo", "k1", "k2", "k3", "bp")  # keys of grid.GRID_METHODS, in order along the trade-off
 
 
 def _pyplot():

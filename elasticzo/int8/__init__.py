@@ -20,8 +20,8 @@ from elasticzo.int8.layers import (
     IntLinear,
     IntMaxPool2d,
     IntReLU,
-    IntSequential,
 )
+from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.loss import LOSS_FRAC_BITS, cross_entropy, cross_entropy_grad, cross_entropy_loss, loss_closure
 from elasticzo.int8.ops import int8_conv2d, int8_linear, int8_matmul, set_matmul_impl
 from elasticzo.int8.rounding import (

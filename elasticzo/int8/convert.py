@@ -37,8 +37,8 @@ from elasticzo.int8.layers import (
     IntLinear,
     IntMaxPool2d,
     IntReLU,
-    IntSequential,
 )
+from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.rounding import INT8_MAX
 from elasticzo.models.pointnet import GlobalMaxPool
 

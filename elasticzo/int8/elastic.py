@@ -41,7 +41,8 @@ from typing import Callable, Iterator
 import torch
 
 from elasticzo.instrument import memory_tag, phase
-from elasticzo.int8.layers import IntSequential, _WeightLayer
+from elasticzo.int8.layers import _WeightLayer
+from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.rounding import bitlength
 from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturb_weight, zo_update
 from elasticzo.zo.noise import derive_seed, layer_generator

@@ -13,18 +13,17 @@ layer below.
 A weight layer computes with another int8 weight of the same shape and exponent when given
 ``forward(x, weight=w)`` or while its ``perturbation`` callable is set (``IntElasticZO`` sets
 it for the + and - passes): a perturbed copy built out of place, so ZO never writes
-``layer.weight``. ``backprop = False`` marks a layer of the ZO part: ``IntSequential`` stores
+``layer.weight``. ``backprop = False`` marks a layer of the ZO part: ``IntSequential`` (int8.sequential) stores
 nothing for it and its backward stops above it (the integer twin of ``requires_grad=False``).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from elasticzo.int8.format import ACC_BITS, Exponent, QTensor, requantize_int32
-from elasticzo.int8.inputs import quantize_input
 from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest
 from elasticzo.int8.ops import (
     _is_stride1,
@@ -330,76 +329,4 @@ class IntFlatten(IntLayer):
         return out
 
 
-class IntSequential(nn.Module):
-    """Layers run in order; backward runs them in reverse.
-
-    ``forward(x)`` takes a ``QTensor`` or a plain batch, quantised at the boundary
-    (``int8.inputs.quantize_input``: raw uint8 pixels, int8 points, or float values). It stores
-    what backward needs when training with grad mode on (``torch.no_grad()`` or ``.eval()``:
-    inference, nothing stored), and never for the layers before the first weight layer with
-    ``backprop`` set (the ZO part). ``store`` overrides that choice for every layer; ``weights``
-    optionally overrides the weight of each weight layer (one entry per ``weight_layers()``,
-    None keeps the layer's own). ``backward(grad)`` fills the ``grad_acc`` of every BP weight
-    layer and, by default, stops there: the error wrt the network input is never needed.
-    """
-
-    def __init__(self, *layers: IntLayer):
-        super().__init__()
-        for i, layer in enumerate(layers):
-            self.add_module(str(i), layer)  # state_dict keys "<i>.weight", as the float nn.Sequential
-
-    @property
-    def layers(self) -> list[IntLayer]:
-        return list(self.children())
-
-    def _first_backprop(self, layers: list[IntLayer]) -> int:
-        """Index of the first weight layer trained by backprop (len(layers) when there is none)."""
-        return next((i for i, layer in enumerate(layers) if layer.has_weight and layer.backprop), len(layers))
-
-    def forward(self, x: QTensor | torch.Tensor, store: bool | None = None,
-                weights: Sequence[torch.Tensor | None] | None = None) -> QTensor:
-        x = x if isinstance(x, QTensor) else quantize_input(x)
-        layers = self.layers
-        first = 0 if store is not None else self._first_backprop(layers)
-        store = self.training and torch.is_grad_enabled() if store is None else store
-        overrides = iter(weights) if weights is not None else None
-        for i, layer in enumerate(layers):
-            keep = store and i >= first
-            if layer.has_weight and overrides is not None:
-                x = layer(x, keep, weight=next(overrides))
-            else:
-                x = layer(x, keep)
-        return x
-
-    def backward(self, grad: QTensor, input_grad: bool = False) -> QTensor | None:
-        layers = self.layers
-        first = self._first_backprop(layers)
-        if first == len(layers):
-            return None  # no layer in BP
-        for i in range(len(layers) - 1, first - 1, -1):
-            need = input_grad or i > first
-            grad = layers[i].backward(grad, input_grad=need)
-            if not need:
-                return None
-        return grad
-
-    def weight_layers(self) -> list[_WeightLayer]:
-        return [layer for layer in self.children() if layer.has_weight]
-
-    def clear(self) -> None:
-        for layer in self.children():
-            layer.clear()
-
-    def __getitem__(self, idx):
-        layers = self.layers
-        return IntSequential(*layers[idx]) if isinstance(idx, slice) else layers[idx]
-
-    def __len__(self) -> int:
-        return len(self._modules)
-
-    def __iter__(self) -> Iterator[IntLayer]:
-        return iter(self.children())
-
-
-__all__ = ["IntLayer", "IntLinear", "IntConv2d", "IntReLU", "IntMaxPool2d", "IntGlobalMaxPool", "IntFlatten",
-           "IntSequential"]
+__all__ = ["IntLayer", "IntLinear", "IntConv2d", "IntReLU", "IntMaxPool2d", "IntGlobalMaxPool", "IntFlatten"]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from elasticzo.int8.inputs import quantize_input
-from elasticzo.int8.layers import IntSequential
+from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.loss import cross_entropy, cross_entropy_loss
 from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest, shift_round_pseudo_stochastic
 from elasticzo.int8.update import int8_noise
