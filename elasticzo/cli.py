@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("elasticzo: interrupted; resume with --resume", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
-        print(f"elasticzo: error: {err}", file=sys.stderr)
+        print(f"elasticzo: error: {' '.join(str(err).split())}", file=sys.stderr)  # always one line
         return 2 if isinstance(err, ValueError) and not isinstance(err, RuntimeError) else 1
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,6 +93,12 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad value; returns self for chaining."""
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        if self.data_root is not None and not self.data_root.strip():
+            raise ValueError("--data-root: must not be empty (leave it out to use $ELASTICZO_DATA or ./data)")
+        if self.classes and not all(part.strip() for part in self.classes.split(",")):
+            raise ValueError(f"--classes: {self.classes!r} has an empty entry; write labels like 5-9 or 0,2,4")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -164,17 +171,35 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def json(self) -> str:
+        """The text of config.json."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(self.json())
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
-        data = json.loads(path.read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Read a saved config.json, checked like the flags; ValueError naming the file and the key.
+        Keys it lacks take their defaults (a run saved before a setting existed)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing; the run's settings cannot be checked") from None
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"{path}: not a readable config file ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: must hold a JSON object of settings, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"{path}: unknown config keys {unknown}")
-        return cls(**data)
+            raise ValueError(f"{path}: unknown config key {unknown[0]!r}")
+        try:
+            return cls(**data).validate()
+        except ValueError as err:  # '--lr-zo: must be ...' -> 'config.json: lr_zo: must be ...'
+            flag, sep, rest = str(err).partition(": ")
+            key = flag[2:].replace("-", "_") if flag.startswith("--") else flag
+            raise ValueError(f"{path}: {key}{sep}{rest}") from None
 
 
 # Settings that may differ between a run and its resumption without changing the result.
@@ -189,6 +214,22 @@ def field_kind(name: str) -> type:
         if kind.__name__ in annotation:
             return kind
     return str
+
+
+def _check_type(name: str, value) -> None:
+    """``value`` has the type of field ``name`` (bool, int, finite float, str; None where allowed)."""
+    annotation = str({f.name: f.type for f in dataclasses.fields(TrainConfig)}[name])
+    if value is None and "None" in annotation:
+        return
+    kind = field_kind(name)
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[kind]
+    if not ok:
+        raise ValueError(f"--{_flag(name)}: must be {'a' if kind is not int else 'an'} {kind.__name__}, got {value!r}")
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"--{_flag(name)}: must be a finite number, got {value!r}")
 
 
 def _flag(name: str) -> str:

@@ -66,8 +66,9 @@ def test_a_checkpoint_that_does_not_fit_raises_checkpoint_error(checkpoints, tmp
         learner.model[1] = torch.nn.Linear(784, 200)  # the checkpoint's layer is 784 -> 256
     path = {"other model": checkpoints["mlp"], "other width": checkpoints["mlp"], "int8 into float": checkpoints["int8"],
             "no file": str(tmp_path / "missing.safetensors")}[case]
-    match = {"other model": "does not fit", "other width": "has shape", "int8 into float": "INT8 checkpoint",
-             "no file": "no checkpoint file"}[case]
+    match = {"other model": "model.0.weight is missing",
+             "other width": r"model.1.weight is float32 \[256, 784\], expected float32 \[200, 784\]",
+             "int8 into float": "INT8 checkpoint", "no file": "no checkpoint file"}[case]
     with pytest.raises(CheckpointError, match=match):
         init_from_checkpoint(learner, TrainConfig(model=model), path)
 

@@ -13,28 +13,32 @@ Float runs take float checkpoints of the same architecture. INT8 runs take eithe
   bias, so the biases are dropped (with a warning): the converted net starts close to, not
   exactly at, the float one.
 
-Both go through the model's ``load_state_dict``. Anything that does not fit (another model,
-other widths, a corrupt file) raises a ``CheckpointError`` that names the file and the first
-mismatch.
+Both go through the model's ``load_state_dict``, after the weights are checked in full
+(``train.schema``: present, none extra, dtype, shape, range, finite). Anything that does not fit
+(another model, other widths, a damaged file) raises a ``CheckpointError`` that names the file,
+the key and what was expected.
 """
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from elasticzo.config import TrainConfig
 from elasticzo.models import build_model, parametrised_layers
-from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, load_into_module
+from elasticzo.train.checkpoint import CheckpointError, load_checkpoint
 from elasticzo.train.learner import seeded
+from elasticzo.train.schema import TensorSpec, check_tensors, describe, spec_of, split_meta
 
 PREFIX = "model."
 
 
 def init_from_checkpoint(learner, config: TrainConfig, path: str) -> str:
     """Load the weights of checkpoint ``path`` into ``learner.model``; returns a one-line summary."""
-    tensors, _ = load_checkpoint(path)
+    tensors, meta = load_checkpoint(path)
+    split_meta(meta, path)  # only the weights are used, but the metadata must be ours
     weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     if not weights:
         raise CheckpointError(f"{path}: holds no model weights (no '{PREFIX}*' tensors)")
@@ -50,13 +54,14 @@ def init_from_checkpoint(learner, config: TrainConfig, path: str) -> str:
 
 
 def _load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path) -> bool:
-    """Copy ``weights`` into ``model``; the head keeps its init if only its class count differs."""
+    """Copy ``weights`` into ``model``, checked in full first; the head keeps its init if only its
+    class count differs."""
     state = model.state_dict()
     head = _head_keys(model)
-    new_head = _differs_only_in_classes(state, weights, head, path)
+    new_head = _check_weights(weights, {k: spec_of(k, v) for k, v in state.items()}, head, path)
     if new_head:
         weights = {**weights, **{k: state[k] for k in head}}
-    load_into_module(model, {PREFIX + k: v for k, v in weights.items()}, path, prefix=PREFIX)
+    model.load_state_dict(weights)
     return not new_head
 
 
@@ -68,22 +73,18 @@ def _head_keys(model: nn.Module) -> list[str]:
     return [f"{name}.{k}" if name else k for k in head.state_dict()]
 
 
-def _differs_only_in_classes(state: dict, weights: dict, head: list[str], path) -> bool:
-    """True when every tensor fits except the head's class dimension; CheckpointError otherwise."""
-    missing, unexpected = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: does not fit the model: missing {missing}, unexpected {unexpected} "
-                              "(was it trained with another --model?)")
-    new_head = False
-    for key, value in weights.items():
-        want = state[key].shape
-        if value.shape == want:
-            continue
-        if key in head and value.shape[1:] == want[1:]:
-            new_head = True
-            continue
-        raise CheckpointError(f"{path}: {key} has shape {tuple(value.shape)}, the model wants {tuple(want)} "
-                              "(another architecture or width?)")
+def _check_weights(weights: dict[str, torch.Tensor], expected: dict[str, TensorSpec], head: list[str], path) -> bool:
+    """Check ``weights`` in full against ``expected`` (``train.schema``); the ``head`` keys may differ
+    in their class count (first dimension) only. Returns True when they do: a new head."""
+    rows = {int(weights[k].shape[0]) for k in head if k in weights and weights[k].dim() == len(expected[k].shape) >= 1
+            and tuple(weights[k].shape[1:]) == expected[k].shape[1:]}
+    sized = [k for k in head if len(expected[k].shape) >= 1]
+    new_head = len(rows) == 1 and bool(sized) and rows != {expected[sized[0]].shape[0]}
+    if new_head:
+        n = rows.pop()
+        expected = {**expected, **{k: replace(expected[k], shape=(n, *expected[k].shape[1:])) for k in sized}}
+    check_tensors({PREFIX + k: v for k, v in weights.items()}, {PREFIX + k: v for k, v in expected.items()}, path,
+                  hint="was it trained with another --model or width?")
     return new_head
 
 
@@ -93,7 +94,8 @@ def _converted(weights: dict[str, torch.Tensor], model_name: str, path) -> dict[
 
     with seeded(0):  # the init is overwritten; only the global RNG must stay untouched
         float_model = build_model(model_name, _checkpoint_classes(weights, model_name, path))
-    load_into_module(float_model, {PREFIX + k: v for k, v in weights.items()}, path, prefix=PREFIX)
+    _check_weights(weights, {k: spec_of(k, v) for k, v in float_model.state_dict().items()}, [], path)
+    float_model.load_state_dict(weights)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # one summary warning below instead of one per layer
         converted = convert(float_model, drop_bias=True)
@@ -106,6 +108,8 @@ def _checkpoint_classes(weights: dict[str, torch.Tensor], model_name: str, path)
     """The class count of a float checkpoint: the rows of its head weight."""
     with seeded(0):
         head = _head_keys(build_model(model_name))[0]
-    if head not in weights:
-        raise CheckpointError(f"{path}: no {head} tensor: not a float {model_name} checkpoint")
+    if head not in weights or weights[head].dim() != 2 or weights[head].shape[0] < 1:
+        got = describe(weights[head]) if head in weights else "missing"
+        raise CheckpointError(f"{path}: tensor {PREFIX}{head} is {got}, expected the [classes, features] "
+                              f"head weight of a float {model_name} checkpoint")
     return int(weights[head].shape[0])

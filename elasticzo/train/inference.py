@@ -17,9 +17,10 @@ from torch import nn
 
 from elasticzo.config import TrainConfig
 from elasticzo.models import build_model
-from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, load_into_module
-from elasticzo.train.finetune import PREFIX, _checkpoint_classes
+from elasticzo.train.checkpoint import CheckpointError, load_checkpoint
+from elasticzo.train.finetune import PREFIX, _check_weights, _checkpoint_classes
 from elasticzo.train.learner import seeded
+from elasticzo.train.schema import spec_of, split_meta
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -44,6 +45,7 @@ def load_model(path: str | Path, model: str | None = None, device: str | torch.d
             raise ValueError(f"{path}: no config.json beside the checkpoint; pass model= (lenet5, mlp or pointnet)")
         model = TrainConfig.load(config_path).model
     tensors, meta = load_checkpoint(checkpoint)
+    split_meta(meta, checkpoint)
     weights = {k[len(PREFIX):]: v for k, v in tensors.items() if k.startswith(PREFIX)}
     if not weights:
         raise CheckpointError(f"{checkpoint}: holds no model weights (no '{PREFIX}*' tensors)")
@@ -53,5 +55,6 @@ def load_model(path: str | Path, model: str | None = None, device: str | torch.d
         from elasticzo.int8.convert import convert
 
         net = convert(net, init=torch.Generator().manual_seed(0))  # the integer model of the run
-    load_into_module(net, tensors, checkpoint, prefix=PREFIX)
+    _check_weights(weights, {k: spec_of(k, v) for k, v in net.state_dict().items()}, [], checkpoint)
+    net.load_state_dict(weights)  # checked in full above (train.schema)
     return net.to(device).eval()

@@ -139,10 +139,36 @@ class Learner:
         """The optimiser's param groups (hyper-parameters, step counters) as JSON."""
         return {"param_groups": self.optimizer.state_dict()["param_groups"]}
 
-    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
-        """Restore model and optimiser from a checkpoint; CheckpointError names what does not fit."""
-        from elasticzo.train.checkpoint import CheckpointError, load_into_module
+    def state_spec(self, global_step: int) -> dict:
+        """name -> TensorSpec of every tensor ``state_tensors`` holds after ``global_step`` steps:
+        this learner's own, plus the optimiser state the first step creates (momentum, the g RMS).
+        INT8 exponents are fixed at init, the running |d| is >= 0."""
+        from elasticzo.train.schema import TensorSpec, spec_of
 
+        spec = {name: spec_of(name, t) for name, t in self.state_tensors().items()}
+        for name, t in self.state_tensors().items():
+            if self.int8 and name.startswith(MODEL) and name.endswith("exponent"):
+                spec[name] = TensorSpec.like(t, int(t), int(t))
+            if name.endswith("d_scale"):
+                spec[name] = TensorSpec.like(t, lo=0)
+        index = 0
+        for group in self.optimizer.param_groups:
+            for j, p in enumerate(group["params"]):
+                if global_step and not self.int8 and group["part"] == "bp" and group["momentum"]:
+                    spec[f"{OPTIM}{index}.momentum_buffer"] = TensorSpec.like(p)
+                if global_step and not self.int8 and group["part"] == "zo" and group["normalize"] and j == 0:
+                    spec[f"{OPTIM}{index}.g2_ema"] = TensorSpec(p.dtype, (), lo=0.0)
+                    spec[f"{OPTIM}{index}.g2_count"] = TensorSpec(p.dtype, (), lo=1.0)
+                index += 1
+        return spec
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict, path) -> None:
+        """Restore model and optimiser from a checkpoint, checked in full first (``train.schema``):
+        CheckpointError names the file, the key and what was expected, and nothing changes."""
+        from elasticzo.train.checkpoint import CheckpointError, load_into_module
+        from elasticzo.train.schema import validate_state
+
+        validate_state(self, tensors, meta, path)
         load_into_module(self.model, tensors, path, prefix=MODEL)
         state: dict[int, dict] = {}
         for name, value in tensors.items():

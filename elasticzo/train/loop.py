@@ -8,9 +8,11 @@ Run directory layout::
                       of its queries (with the run seed they replay the ZO trajectory)
     checkpoint.safetensors   weights, optimiser state and the position in the run
 
-Resuming reads the checkpoint, cuts metrics.jsonl and seeds.jsonl back to what the checkpoint
-covers, and replays the remaining steps with the same batches and seeds, so a resumed run ends
-bit-identical to an uninterrupted one.
+Resuming checks the config, the checkpoint (``train.schema``) and the records in full, then
+cuts metrics.jsonl and seeds.jsonl back to what the checkpoint covers (atomically, after every
+check) and replays the remaining steps with the same batches and seeds, so a resumed run ends
+bit-identical to an uninterrupted one. A run that died before its first checkpoint restarts
+from step 0 with ``--resume``, its old records moved to ``stale-N/``.
 
 Under torchrun (``train.distributed``) every rank runs this loop on its slice of each batch;
 only rank 0 writes the run directory and logs.
@@ -30,9 +32,11 @@ from tqdm import tqdm
 from elasticzo.config import RESUME_FREE, TrainConfig
 from elasticzo.data import BatchLoader, is_point_dataset, load_dataset
 from elasticzo.train import distributed
-from elasticzo.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from elasticzo.train.checkpoint import load_checkpoint, save_checkpoint
 from elasticzo.train.events import EventLog, summary_writer_class
 from elasticzo.train.health import collapse_warning
+from elasticzo.train.records import CONFIG, existing_records, move_aside, plan_cut, write_atomic
+from elasticzo.train.schema import validate_checkpoint
 from elasticzo.train.learner import Learner
 
 CHECK_EVERY = 50  # steps between host syncs (finite-loss check, progress bar, seed-log buffer)
@@ -120,7 +124,8 @@ def _train_on(config: TrainConfig, device: torch.device, replicas, log) -> list[
     loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed)
     if config.tensorboard:
         summary_writer_class()  # fail before the run dir is made, not after
-    pos = _start(config, run_dir, learner) if replicas is None else _start_replicas(config, run_dir, learner, replicas)
+    pos = (_start(config, run_dir, learner, len(loader), log) if replicas is None
+           else _start_replicas(config, run_dir, learner, replicas, len(loader), log))
     log(f"run dir {run_dir} | {config.dataset} {config.model} {config.method} "
         f"bp_layers={learner.bp_layers} {config.precision} on {device}"
         + ("" if replicas is None else f" x {replicas.world} ranks"))
@@ -190,37 +195,40 @@ def _initial_record(config, run_dir: Path, learner, data, pos: RunPosition) -> d
     return record
 
 
-def _start(config: TrainConfig, run_dir: Path, learner) -> RunPosition:
-    """A fresh run dir, or the position restored from its checkpoint with ``--resume``."""
+def _start(config: TrainConfig, run_dir: Path, learner, steps_per_epoch: int, log=print) -> RunPosition:
+    """A fresh run dir, or the position restored from its checkpoint with ``--resume``.
+
+    Nothing in ``run_dir`` is written before the config, the checkpoint and the records have all
+    been checked; a refused resume leaves every file as it was.
+    """
     ckpt = run_dir / CHECKPOINT
     if not config.resume:
-        if ckpt.exists() or (run_dir / "metrics.jsonl").exists():
+        if ckpt.exists() or existing_records(run_dir):
             raise ValueError(f"--run-dir: {run_dir} already holds a run; pass --resume to continue it "
                              "or choose another --run-dir (nothing was overwritten)")
         run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.json")
+        write_atomic(run_dir / CONFIG, config.json())
         return RunPosition()
     if not ckpt.exists():
-        raise ValueError(f"--resume: {run_dir} has no {CHECKPOINT} to resume from")
-    _check_same_run(config, run_dir / "config.json")
+        return _restart(config, run_dir, log)
+    _check_same_run(config, run_dir / CONFIG)
     tensors, meta = load_checkpoint(ckpt)
-    try:
-        learner.load_state(tensors, meta["learner"], ckpt)
-        pos = RunPosition(**meta["position"])
-    except (KeyError, TypeError) as err:
-        raise CheckpointError(f"{ckpt}: checkpoint metadata is incomplete ({err})") from None
-    _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["epoch"] <= pos.epoch)
-    _truncate_jsonl(run_dir / "seeds.jsonl", lambda r: r["step"] < pos.global_step)
-    config.save(run_dir / "config.json")  # records a changed --epochs
+    pos = RunPosition(**validate_checkpoint(learner, tensors, meta, ckpt, steps_per_epoch))
+    cut = plan_cut(run_dir, pos.global_step, pos.history)
+    learner.load_state(tensors, meta["learner"], ckpt)  # checked in full above: cannot fail half-way
+    for path, text in cut.items():
+        write_atomic(path, text)
+    write_atomic(run_dir / CONFIG, config.json())  # records a changed --epochs
     return pos
 
 
-def _start_replicas(config: TrainConfig, run_dir: Path, learner, replicas) -> RunPosition:
+def _start_replicas(config: TrainConfig, run_dir: Path, learner, replicas, steps_per_epoch: int,
+                    log) -> RunPosition:
     """Rank 0 starts or resumes the run dir; every rank then takes rank 0's state and position."""
     pos, error = None, None
     if replicas.writer:
         try:
-            pos = _start(config, run_dir, learner)
+            pos = _start(config, run_dir, learner, steps_per_epoch, log)
         except Exception as err:  # re-raised on rank 0 by share_outcome, reported on the others
             error = err
     replicas.share_outcome(error)
@@ -233,6 +241,19 @@ def _start_replicas(config: TrainConfig, run_dir: Path, learner, replicas) -> Ru
     return pos
 
 
+def _restart(config: TrainConfig, run_dir: Path, log) -> RunPosition:
+    """--resume of a run that died before its first checkpoint: start at step 0, old records kept aside."""
+    if not existing_records(run_dir):
+        raise ValueError(f"--resume: {run_dir} has no {CHECKPOINT} and no records to resume from; "
+                         "leave out --resume to start a new run there")
+    _check_same_run(config, run_dir / CONFIG)
+    aside = move_aside(run_dir)
+    write_atomic(run_dir / CONFIG, config.json())
+    log(f"--resume: {run_dir} has no {CHECKPOINT} (the run stopped before its first checkpoint); "
+        f"restarting from step 0, the old records were moved to {aside}")
+    return RunPosition()
+
+
 def _check_same_run(config: TrainConfig, path: Path) -> None:
     saved = TrainConfig.load(path).to_dict()
     wanted = config.to_dict()
@@ -240,12 +261,6 @@ def _check_same_run(config: TrainConfig, path: Path) -> None:
     if diff:
         pairs = ", ".join(f"{k}: saved {saved.get(k)!r}, given {wanted[k]!r}" for k in diff)
         raise ValueError(f"--resume: the settings differ from the run in {path.parent} ({pairs})")
-
-
-def _truncate_jsonl(path: Path, keep) -> None:
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        path.write_text("".join(ln + "\n" for ln in lines if keep(json.loads(ln))))
 
 
 def _train_epoch(config, run_dir, learner, loader, pos: RunPosition, total: int, events: EventLog,

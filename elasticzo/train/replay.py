@@ -16,6 +16,7 @@ import torch
 
 from elasticzo.config import TrainConfig
 from elasticzo.train.checkpoint import load_checkpoint, save_checkpoint
+from elasticzo.train.schema import need_int, split_meta
 from elasticzo.train.finetune import PREFIX, _checkpoint_classes
 from elasticzo.train.inference import run_files
 from elasticzo.train.loop import make_learner
@@ -42,7 +43,7 @@ def replay_run(run_dir: str | Path) -> ReplayResult:
     config = TrainConfig.load(config_path)
     config.device = "cpu"
     saved, meta = load_checkpoint(checkpoint)
-    done = meta.get("position", {}).get("global_step", 0)
+    done = need_int(split_meta(meta, checkpoint)[1].get("global_step"), f"{checkpoint}: metadata position.global_step")
     records = _records(run_dir / "seeds.jsonl", done)
     classes = _checkpoint_classes({k[len(PREFIX):]: v for k, v in saved.items() if k.startswith(PREFIX)},
                                   config.model, checkpoint)
