@@ -207,9 +207,16 @@ def test_the_undamaged_copy_resumes_and_cuts_records_written_after_the_checkpoin
 def test_a_run_without_checkpoint_restarts_with_its_old_records_moved_aside(mini_root, tmp_path):
     """Killed before its first checkpoint: a plain restart is refused, --resume starts at step 0
     with the old records in stale-1/ and says so."""
+    from elasticzo.train.learner import Learner
+
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(settings(mini_root, run, "fp32").json())
+
+    def dead(self, x, y):  # killed at its first step: the loop has written config.json only
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(KeyboardInterrupt):
+        mp.setattr(Learner, "train_step", dead)
+        train(settings(mini_root, run, "fp32"), log=lambda *_: None)
     old = "".join(json.dumps({"step": s, "epoch": 0, "loss": 2.3, "g": [0.1]}) + "\n" for s in range(2))
     (run / "seeds.jsonl").write_text(old)
     with pytest.raises(ValueError, match="--resume"):
