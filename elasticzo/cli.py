@@ -115,10 +115,12 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
 def add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet5", choices=("lenet5", "mlp"), help="the model to plan for")
     p.add_argument("--batch-size", type=int, default=64, help="examples per step (memory grows with it)")
-    p.add_argument("--precision", default="fp32", choices=config_module.PRECISIONS,
-                   help="fp32, or int8 (integer-only ElasticZO-INT8)")
-    p.add_argument("--budget", default=None, help="memory budget, e.g. 256KiB, 3MB, 1.5MiB or 1000000 (bytes); "
-                   "without it only the table is printed")
+    p.add_argument("--precision", default="both", choices=(*config_module.PRECISIONS, "both"),
+                   help="fp32, int8 (integer-only ElasticZO-INT8), or both")
+    p.add_argument("--budget", default=None, help="memory budget, e.g. 256KiB, 3MB, 1.5MiB or 1000000 (bytes): "
+                   "answers (split, micro-batch) per precision and the train command; without it the table is printed")
+    p.add_argument("--micro-batch", type=int, default=0, help="the table's chunk size (0: whole batch); "
+                   "with --budget the plan chooses it")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a training setting that changes memory, e.g. --set momentum=0")
     p.add_argument("--device", default="cpu", choices=config_module.DEVICES, help="where memory is measured")
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             from elasticzo.bench.grid import parse_overrides
 
             return plan_main(args.model, args.batch_size, args.precision, args.budget, args.device,
-                             settings=parse_overrides(args.overrides))
+                             settings=parse_overrides(args.overrides), micro_batch=args.micro_batch)
         elif args.command == "replay":
             from elasticzo.train.replay import replay_main
 

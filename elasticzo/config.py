@@ -59,6 +59,7 @@ class TrainConfig:
     epochs: int = 5  # passes over the training set
     batch_size: int = 64  # examples per step
     schedule: str = "cosine"  # learning-rate schedule over all steps: constant | cosine
+    micro_batch: int = 0  # examples per chunk of each pass, streamed from the dataset (0: whole batch); same update, less memory
     # ZO part (SPSA)
     lr_zo: float | None = None  # ZO learning rate (fp32); default 3e-4 for --method zo, 1e-3 otherwise
     eps: float = 1e-3  # perturbation scale
@@ -104,7 +105,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps", "num_points")
         non_negative = ("lr_bp", "grad_clip", "zo_weight_decay", "weight_decay", "train_limit", "test_limit",
-                        "checkpoint_every", "check_every", "int8_zo_shift", "int8_tile", "threads")
+                        "checkpoint_every", "check_every", "int8_zo_shift", "int8_tile", "threads", "micro_batch")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")

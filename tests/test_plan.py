@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from elasticzo.bench.plan import UNITS, largest_fitting, measure_splits, parse_size
+from elasticzo.bench.plan import (UNITS, choose_plan, largest_fitting, measure_split, measure_splits, micro_candidates,
+                                  parse_size, train_command)
+from elasticzo.bench.process_memory import step_peaks
 from elasticzo.cli import main
 
 BATCH = 4  # small batch: the whole table is measured in a second or two
@@ -62,15 +65,15 @@ def test_cli_plan_picks_the_split(rows, capsys):
     k = 2
     budget = (rows[k].peak_bytes + rows[k + 1].peak_bytes) // 2
     assert rows[k].peak_bytes < budget < rows[k + 1].peak_bytes
-    assert main(["plan", "--batch-size", str(BATCH), "--budget", str(budget)]) == 0
+    assert main(["plan", "--batch-size", str(BATCH), "--budget", str(budget), "--precision", "fp32"]) == 0
     out = capsys.readouterr().out
-    assert f"largest split that fits: k={k} " in out and "--bp-layers 2" in out
+    assert f"plan fp32: k={k} " in out and "--bp-layers 2" in out
 
 
 def test_cli_plan_when_nothing_fits(capsys):
-    assert main(["plan", "--model", "mlp", "--batch-size", str(BATCH), "--budget", "1KiB"]) == 1
+    assert main(["plan", "--model", "mlp", "--batch-size", str(BATCH), "--budget", "1KiB", "--precision", "fp32"]) == 1
     err = capsys.readouterr().err
-    assert "no split fits in 1.00 KiB" in err and "k=0" in err and "lower --batch-size" in err
+    assert "nothing fits in 1.00 KiB" in err and "k=0 with micro-batch 1" in err and "lower --batch-size" in err
 
 
 def test_cli_plan_bad_budget_and_settings(capsys):
@@ -84,3 +87,37 @@ def test_int8_plan():
     rows = measure_splits("mlp", batch_size=BATCH, precision="int8")
     assert [r.k for r in rows] == list(range(4)) and all(r.peak_bytes > 0 for r in rows)
     assert [len(r.bp_layers) for r in rows] == [0, 1, 2, 3]  # the named BP layers follow k
+
+
+def test_micro_candidates():
+    assert micro_candidates(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert micro_candidates(10) == [1, 2, 4, 8, 10] and micro_candidates(1) == [1]
+
+
+def test_micro_batches_lower_the_measured_peak():
+    whole = measure_split("lenet5", 8, "int8", 1)
+    chunked = measure_split("lenet5", 8, "int8", 1, micro_batch=1)
+    assert chunked.peak_bytes < whole.peak_bytes * 0.6  # the activations of 1 example, not 8
+    assert chunked.breakdown["inputs"] < whole.breakdown["inputs"]  # streamed: indices and labels only
+
+
+def test_plan_picks_most_bp_layers_then_largest_chunk_then_faster_options():
+    big = measure_split("mlp", 4, "int8", 3).peak_bytes
+    plan, tried = choose_plan("mlp", 4, "int8", big)
+    assert (plan.k, plan.micro_batch) == (3, 0)  # everything fits whole
+    k0_m1 = measure_split("mlp", 4, "int8", 0, micro_batch=1).peak_bytes
+    k0_m2 = measure_split("mlp", 4, "int8", 0, micro_batch=2).peak_bytes
+    budget = (k0_m1 + k0_m2) // 2
+    assert k0_m1 < budget < k0_m2
+    plan, tried = choose_plan("mlp", 4, "int8", budget)
+    assert plan.k == 0 and plan.micro_batch == 1 and plan.peak_bytes <= budget
+    assert all(r.peak_bytes > budget for r in tried if r.k > 0)  # every larger split was too big
+    assert "--micro-batch 1" in train_command("mlp", 4, "int8", plan)
+
+
+def test_outside_views_of_a_step_see_its_allocations():
+    x = torch.zeros(1)
+    peaks = step_peaks(lambda: torch.ones(1 << 20).sum() + x, warmup=0)  # a 4 MiB temporary
+    assert 4 * 2**20 <= peaks["allocator_step_bytes"] < 5 * 2**20
+    if peaks["rss_step_bytes"] is not None:
+        assert peaks["rss_step_bytes"] >= 3 * 2**20  # pages, after malloc_trim: the temporary was resident

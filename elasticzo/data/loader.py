@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 
+from elasticzo.data.stream import StreamedBatch
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """Seed of the shuffle of ``epoch``: a hash of (seed, epoch), 63-bit, non-negative.
@@ -32,6 +33,8 @@ class BatchLoader:
         seed: the run seed; the permutation of an epoch comes from ``epoch_seed(seed, epoch)``.
         drop_last: skip the final incomplete batch.
         device: where batches are sent (the data itself stays where it is).
+        stream: yield shuffled inputs as ``StreamedBatch`` (indices only, rows read chunk by chunk
+            by micro-batched passes) instead of gathering each batch.
 
     Example::
 
@@ -40,7 +43,8 @@ class BatchLoader:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = False, device: torch.device | str | None = None):
+                 seed: int = 0, drop_last: bool = False, device: torch.device | str | None = None,
+                 stream: bool = False):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if x.shape[0] != y.shape[0]:
@@ -51,6 +55,7 @@ class BatchLoader:
         self.seed = seed
         self.drop_last = drop_last
         self.device = torch.device(device) if device is not None else None
+        self.stream = stream
 
     @property
     def num_examples(self) -> int:
@@ -87,7 +92,10 @@ class BatchLoader:
             xb, yb = self.x[lo:hi], self.y[lo:hi]
         else:
             idx = perm[lo:hi].to(self.x.device)  # [B]; only this batch is copied, never the dataset
-            xb, yb = self.x[idx], self.y[idx.to(self.y.device)]
+            yb = self.y[idx.to(self.y.device)]
+            if self.stream:
+                return StreamedBatch(self.x, idx, self.device), (yb if self.device is None else yb.to(self.device))
+            xb = self.x[idx]
         if self.device is not None:
             xb, yb = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
         return xb, yb

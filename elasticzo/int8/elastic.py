@@ -44,7 +44,7 @@ from elasticzo.instrument import memory_tag, phase
 from elasticzo.int8.layers import _WeightLayer
 from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.rounding import bitlength
-from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturb_weight, zo_update
+from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturbed_weight, zo_update_
 from elasticzo.zo.noise import derive_seed, layer_generator
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
@@ -173,6 +173,16 @@ class IntElasticZO(torch.optim.Optimizer):
         with torch.set_grad_enabled(backward), phase("forward_backward" if backward else "forward"):
             return closure(backward)
 
+    def _generator(self, zo: dict, index: int) -> torch.Generator:
+        """The generator of ZO layer ``index``'s direction z at this step (z is regenerated, never stored)."""
+        weight = self.zo_layers[index].weight
+        return layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), weight.device)
+
+    def _perturbed_weight(self, zo: dict, index: int, sign: int) -> torch.Tensor:
+        """sat(W + sign eps z) of ZO layer ``index``; called per pass, or per chunk of a micro-batched pass."""
+        with memory_tag("zo_noise"):
+            return perturbed_weight(self.zo_layers[index].weight, self._generator(zo, index), sign * zo["eps"])
+
     def _direction(self, zo: dict, index: int) -> torch.Tensor:
         """z of ZO layer ``index`` at this step, regenerated from its seed (never stored)."""
         weight = self.zo_layers[index].weight
@@ -183,9 +193,8 @@ class IntElasticZO(torch.optim.Optimizer):
     @contextmanager
     def _perturbed(self, zo: dict, sign: int) -> Iterator[None]:
         """Within the block, ZO layer i computes with sat(W_i + sign * eps z_i), built when it runs."""
-        for i, layer in enumerate(self.zo_layers):
-            layer.perturbation = lambda i=i, layer=layer: perturb_weight(layer.weight, self._direction(zo, i),
-                                                                           sign * zo["eps"])
+        for i, layer in enumerate(self.zo_layers):  # built piece by piece: z and its int16 copies never whole
+            layer.perturbation = lambda i=i, layer=layer: self._perturbed_weight(zo, i, sign)
         try:
             yield
         finally:
@@ -199,9 +208,8 @@ class IntElasticZO(torch.optim.Optimizer):
         scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
         s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(max=62)
         self.last_projected_grads = d.reshape(1)
-        for i, layer in enumerate(self.zo_layers):
-            z = self._direction(zo, i)
-            layer.weight.copy_(zo_update(layer.weight, z, d, s, carry=self.state[layer.weight]["carry"]))
+        for i, layer in enumerate(self.zo_layers):  # in place, z streamed: no copy of the layer, no whole z
+            zo_update_(layer.weight, self._generator(zo, i), d, s, self.state[layer.weight]["carry"])
 
     def _bp_update(self, bp: dict) -> None:
         """NITI on every BP layer from the gradient its backward left, then drop the gradient."""

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from elasticzo.int8 import native, native_ops
-from elasticzo.int8.rounding import INT8_MAX, bitlength, saturate_int8, shift_round_nearest
+from elasticzo.int8.rounding import INT8_MAX, bitlength, shift_round_nearest
+from elasticzo.int8.shiftplan import ACC_BITS, planning, requantize_shift  # noqa: F401 (ACC_BITS: re-exported)
 
 Exponent = int | torch.Tensor  # a Python int, or a 0-dim int64 tensor (stays on the device)
-ACC_BITS = 7  # requantize keeps |q| below 2**7, the int8 range
 
 
 @dataclass
@@ -83,11 +83,12 @@ def requantize_int32(acc: torch.Tensor, exponent: Exponent) -> QTensor:
 
     Shift right by s = max(bitlength(max|acc|) - 7, 0) with round-to-nearest, so the largest
     entry lands on 7 bits, and add s to the exponent. Rounding can carry 127.5 up to 128, so the
-    result is saturated (never wrapped) to [-127, 127]. ``acc`` may be int32 or int64.
+    result is saturated (never wrapped) to [-127, 127]. ``acc`` may be int32 or int64. Inside a
+    micro-batched pass the shift is the whole batch's (``int8.shiftplan``).
     """
-    if acc.dtype == torch.int32 and native.active(acc):  # one pass for the shift, one to narrow
+    if acc.dtype == torch.int32 and not planning() and native.active(acc):  # one pass for the shift, one to narrow
         values, s = native_ops.OPS.requantize(acc)
         return QTensor(values, exponent + s)
-    s = (bitlength(acc) - ACC_BITS).clamp(min=0)  # 0-dim int64, on the device
-    values = saturate_int8(shift_round_nearest(acc, s))
+    s = requantize_shift(lambda: bitlength(acc))  # 0-dim int64, on the device
+    values = shift_round_nearest(acc, s).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # saturate, in place
     return QTensor(values, exponent + s)

@@ -23,8 +23,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from elasticzo.int8.format import ACC_BITS, Exponent, QTensor, requantize_int32
-from elasticzo.int8.rounding import bitlength, saturate_int8, shift_round_nearest
+from elasticzo.int8.format import Exponent, QTensor, requantize_int32
+from elasticzo.int8.rounding import bitlength, shift_round_nearest
+from elasticzo.int8.shiftplan import requantize_shift
 from elasticzo.int8.ops import (
     _is_stride1,
     _pair,
@@ -47,15 +48,19 @@ def requantize_tiled(acc_of: Callable[[int, int], torch.Tensor], batch: int, til
     INT8 over FP32. Pass 1 takes the shift from every tile's largest entry; pass 2 recomputes
     each tile and narrows it at once into the int8 output. The result equals the untiled
     requantisation exactly (same shift, same rounding of every entry), for twice the products.
+    Inside a micro-batched pass whose plan knows the shift already, pass 1 is skipped.
     """
-    top = None
-    for lo in range(0, batch, tile):
-        bits = bitlength(acc_of(lo, lo + tile))
-        top = bits if top is None else torch.maximum(top, bits)
-    s = (top - ACC_BITS).clamp(min=0)
+    def top_bits() -> torch.Tensor:
+        top = None
+        for lo in range(0, batch, tile):
+            bits = bitlength(acc_of(lo, lo + tile))
+            top = bits if top is None else torch.maximum(top, bits)
+        return top
+
+    s = requantize_shift(top_bits)
     out = None
     for lo in range(0, batch, tile):
-        part = saturate_int8(shift_round_nearest(acc_of(lo, lo + tile), s))
+        part = shift_round_nearest(acc_of(lo, lo + tile), s).clamp_(-127, 127).to(torch.int8)  # saturate
         if out is None:
             out = torch.empty((batch, *part.shape[1:]), dtype=torch.int8, device=part.device)
         out[lo:lo + tile] = part
@@ -152,6 +157,7 @@ class IntLinear(_WeightLayer):
         x = self._saved_input()
         g2, x2 = grad.values.reshape(-1, grad.shape[-1]), x.values.reshape(-1, x.shape[-1])  # points as rows
         self.grad_acc = int8_linear_grad_weight(g2, x2)  # [out, in]
+        self.grad_terms = g2.shape[0]  # products summed per entry: int32 is exact up to MAX_INT32_TERMS
         self.grad_exponent = grad.exponent + x.exponent
         self.clear()
         if not input_grad:
@@ -193,6 +199,7 @@ class IntConv2d(_WeightLayer):
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         x = self._saved_input()
         self.grad_acc = int8_conv2d_grad_weight(grad.values, x.values, self.weight.shape, self.stride, self.padding)
+        self.grad_terms = grad.values.numel() // grad.shape[1]  # B * OH * OW products per entry
         self.grad_exponent = grad.exponent + x.exponent
         self.clear()
         if not input_grad:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from elasticzo.int8 import native, native_ops
+from elasticzo.int8.shiftplan import planning
 
 IMPLS = ("auto", "native", "int_mm", "reference")
 _INT32_MAX = torch.iinfo(torch.int32).max
@@ -222,8 +223,11 @@ def _native_conv(impl: str | None, x: torch.Tensor) -> bool:
 
 def int8_conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str | None = None):
     """(int8 values, 0-dim int64 shift) of ``requantize_int32(int8_conv2d(...))`` in one fused native
-    call that holds one image's int32 accumulator at a time; None where the native path is not used."""
-    if not _native_conv(impl, x):
+    call that holds one image's int32 accumulator at a time; None where the native path is not used.
+
+    Not inside a micro-batched pass: the kernel takes the shift from the images it is given,
+    there it must be the whole batch's (``int8.shiftplan``), so the unfused path runs instead."""
+    if planning() or not _native_conv(impl, x):
         return None
     return native_ops.OPS.conv2d_requant(x, w, list(_pair(stride)), list(_pair(padding)))
 

@@ -52,8 +52,9 @@ def shift_round_nearest(x: torch.Tensor, s: Shift) -> torch.Tensor:
     _check_integer(x)
     s = _as_shift(s, x.device)
     b = (s > 0).to(torch.int64)  # 1, or 0 when there is nothing to round
-    y = x >> (s - b)
-    return (y >> b) + (y & b)
+    y = x >> (s - b)  # a fresh tensor: the rest works in place on it (two temporaries, not four)
+    carry = y & b
+    return y.__irshift__(b).add_(carry)
 
 
 def shift_round_stochastic(x: torch.Tensor, s: Shift, generator: torch.Generator) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from elasticzo.int8 import native, native_ops
-from elasticzo.zo.noise import random_bits
+from elasticzo.zo.noise import random_bit_rounds, random_bits
 
 from elasticzo.int8.rounding import (
     INT8_MAX,
@@ -119,3 +119,44 @@ def _carried(dz: torch.Tensor, s: torch.Tensor | int, carry: torch.Tensor) -> to
     total = carry.to(torch.int64) + scaled
     carry.copy_(total & ((1 << CARRY_BITS) - 1))
     return total >> CARRY_BITS
+
+
+# ---------------------------------------------------------------- streamed: z never whole
+
+
+PIECE = 2048  # weights per piece of a streamed perturbation / update: int64 temporaries of 16 KiB
+
+
+def rademacher_pieces(n: int, generator: torch.Generator, device: torch.device):
+    """Yield (lo, hi, z[lo:hi]) of ``int8_noise((n,), generator)`` (Rademacher), PIECE entries at a time."""
+    for lo, hi, bits in random_bit_rounds(n, generator, device):
+        for a in range(0, hi - lo, PIECE):
+            b = min(a + PIECE, hi - lo)
+            yield lo + a, lo + b, bits[a:b].view(torch.int8).mul(2).sub_(1)
+
+
+def perturbed_weight(weight: torch.Tensor, generator: torch.Generator, eps: int) -> torch.Tensor:
+    """``perturb_weight(weight, int8_noise(weight.shape, generator), eps)`` without the whole z or its int16 copies.
+
+    The full-size temporaries of the direct form (z, and three int16 tensors twice the layer)
+    would be the peak of a micro-batched INT8 step; here they are those of one piece.
+    """
+    out = torch.empty_like(weight)
+    flat, w = out.view(-1), weight.reshape(-1)
+    for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
+        flat[lo:hi] = perturb_weight(w[lo:hi], z, eps)
+    return out
+
+
+def zo_update_(weight: torch.Tensor, generator: torch.Generator, d: torch.Tensor, s: torch.Tensor | int,
+               carry: torch.Tensor) -> torch.Tensor:
+    """``zo_update(weight, z, d, s, carry=carry)`` in place, z regenerated from ``generator`` piece by piece.
+
+    Equal bit for bit (the carried step is exact, so cutting it into pieces changes nothing);
+    the peak is the weight, its carry and one piece, not 8 bytes per weight of int64 d z.
+    """
+    w, flat_carry, d64 = weight.view(-1), carry.view(-1), d.to(torch.int64)
+    for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
+        step = _carried(d64 * z.to(torch.int64), s, flat_carry[lo:hi])
+        w[lo:hi] = saturate_int8(w[lo:hi].to(torch.int64) - step)
+    return weight

@@ -121,7 +121,8 @@ def _train_on(config: TrainConfig, device: torch.device, replicas, log) -> list[
         from elasticzo.train.finetune import init_from_checkpoint
 
         log(init_from_checkpoint(learner, config, config.init))
-    loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed)
+    loader = BatchLoader(data["x"], data["y"], config.batch_size, seed=config.seed,
+                         stream=0 < config.micro_batch < config.batch_size)
     if config.tensorboard:
         summary_writer_class()  # fail before the run dir is made, not after
     pos = (_start(config, run_dir, learner, len(loader), log) if replicas is None

@@ -52,7 +52,26 @@ def sample_noise(like: torch.Tensor, generator: torch.Generator, kind: str = "ga
     raise ValueError(f"unknown noise kind {kind!r}; choose one of {NOISE_KINDS}")
 
 
-BITS_CHUNK = 1 << 14  # bits drawn per round: bounds the int32 temporaries at 64 KiB
+BITS_CHUNK = 1 << 14  # bits drawn per round (one randint call of 512 words)
+EXPAND_WORDS = 64  # words turned into bits at once: int32 temporaries of 8 KiB, not 64 KiB
+
+
+def random_bit_rounds(n: int, generator: torch.Generator, device: torch.device):
+    """Yield (lo, hi, bits): the bits lo..hi of ``random_bits(n)``, one round at a time.
+
+    A consumer that needs only a piece at a time (the streamed INT8 perturbation and update)
+    never holds all n; the values are those of ``random_bits`` because both draw the same words.
+    """
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    for lo in range(0, n, BITS_CHUNK):
+        hi = min(lo + BITS_CHUNK, n)
+        words = torch.randint(-(1 << 31), 1 << 31, ((hi - lo + 31) // 32, 1), generator=generator,
+                              device=device, dtype=torch.int32)
+        bits = torch.empty(hi - lo, dtype=torch.uint8, device=device)
+        for w in range(0, words.shape[0], EXPAND_WORDS):
+            a, b = 32 * w, min(32 * (w + EXPAND_WORDS), hi - lo)
+            bits[a:b] = ((words[w:w + EXPAND_WORDS] >> shifts) & 1).reshape(-1)[: b - a]
+        yield lo, hi, bits
 
 
 def random_bits(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -62,12 +81,8 @@ def random_bits(n: int, generator: torch.Generator, device: torch.device) -> tor
     temporaries stay small (whole, they would be 8x the size of the int8 direction).
     """
     out = torch.empty(n, dtype=torch.uint8, device=device)
-    shifts = torch.arange(32, device=device, dtype=torch.int32)
-    for lo in range(0, n, BITS_CHUNK):
-        hi = min(lo + BITS_CHUNK, n)
-        words = torch.randint(-(1 << 31), 1 << 31, ((hi - lo + 31) // 32, 1), generator=generator,
-                              device=device, dtype=torch.int32)
-        out[lo:hi] = ((words >> shifts) & 1).reshape(-1)[: hi - lo]
+    for lo, hi, bits in random_bit_rounds(n, generator, device):
+        out[lo:hi] = bits
     return out
 
 

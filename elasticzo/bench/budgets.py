@@ -1,0 +1,132 @@
+"""Training in a memory budget: the plan at each budget, measured three ways, timed, with its accuracy.
+
+For every budget and precision: ``choose_plan`` (measured, shared measurements across budgets),
+then for the chosen (split, micro-batch, options) the peak memory three ways (live tensors,
+allocator, resident high water: ``bench.process_memory``), the median step time over
+``steps`` steps (one thread), and the 5-epoch test accuracy read from a run directory when one
+is given. Writes ``results.json`` and ``results.md`` to ``out``.
+
+    python -m elasticzo.bench.budgets --out docs/bench/budgets --runs docs/bench/plan256
+
+A run for (precision, k) is looked up as ``<runs>/mnist-<precision>-k<k>/metrics.jsonl``. INT8
+runs need no micro-batch: the micro-batched step is bit-identical to the unchunked one
+(tests/test_microbatch.py), so one trajectory serves every chunk size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from elasticzo.bench.plan import _memory_targets, choose_plan, format_size, parse_size, random_batch, train_command
+from elasticzo.bench.process_memory import step_peaks
+from elasticzo.config import TrainConfig
+from elasticzo.data.stream import StreamedBatch
+from elasticzo.train.loop import make_learner
+
+BUDGETS = ("256KiB", "512KiB", "1MiB", "2.5MiB")
+
+
+def cpu_description() -> dict:
+    """CPU model and the SIMD flags that matter for int8 / fp32 kernels (from /proc/cpuinfo)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    simd = [f for f in flags if f.startswith(("avx", "sse4", "fma", "amx")) or f in ("vnni", "avx_vnni")]
+    return {"cpu": model, "simd": simd, "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def measure_plan(model: str, batch_size: int, precision: str, row, steps: int) -> dict:
+    """Outside views of the peak and the median step time of a plan (``row``: a SplitMemory)."""
+    config = TrainConfig(model=model, batch_size=batch_size, precision=precision, method="elasticzo", bp_layers=row.k,
+                         micro_batch=row.micro_batch, device="cpu", **row.options).validate()
+    learner = make_learner(config, 10, torch.device("cpu"))
+    x, y = random_batch(batch_size, precision, 10, 0, model)
+    if row.micro_batch:
+        x = StreamedBatch(x, torch.arange(batch_size))
+    peaks = step_peaks(lambda: learner.train_step(x, y))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        learner.train_step(x, y)
+        times.append(time.perf_counter() - start)
+    resident = sum(t.numel() * t.element_size() for t in _resident(learner, x, y))
+    return {**peaks, "resident_bytes": resident, "step_ms": 1e3 * statistics.median(times), "steps_timed": steps}
+
+
+def _resident(learner, x, y) -> list[torch.Tensor]:
+    targets = _memory_targets(learner)
+    params = targets["params"]
+    tensors = list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
+    opt = targets.get("optimizer")
+    if opt is not None:
+        tensors += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return tensors + ([x.index] if isinstance(x, StreamedBatch) else [x]) + [y]
+
+
+def accuracy(runs: Path | None, precision: str, k: int) -> float | None:
+    path = runs / f"mnist-{precision}-k{k}" / "metrics.jsonl" if runs else None
+    if path is None or not path.exists():
+        return None
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return lines[-1]["test_acc"] if lines and lines[-1]["epoch"] == 5 else None
+
+
+def run(out: Path, runs: Path | None, budgets=BUDGETS, model="lenet5", batch_size=64, steps=5, log=print) -> list[dict]:
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    results, memo, timed = [], {}, {}
+    for precision in ("int8", "fp32"):
+        for text in budgets:
+            budget = parse_size(text)
+            best, _ = choose_plan(model, batch_size, precision, budget, memo=memo, log=log)
+            entry = {"budget": text, "budget_bytes": budget, "precision": precision, "plan": None}
+            if best is not None:
+                key = (precision, best.k, best.micro_batch, tuple(sorted(best.options.items())))
+                if key not in timed:
+                    timed[key] = measure_plan(model, batch_size, precision, best, steps)
+                entry.update(plan={"k": best.k, "micro_batch": best.micro_batch, "options": best.options},
+                             tensor_peak_bytes=best.peak_bytes, breakdown=best.breakdown, **timed[key],
+                             command=train_command(model, batch_size, precision, best),
+                             test_acc_5_epochs=accuracy(runs, precision, best.k))
+            results.append(entry)
+            log(json.dumps(entry))
+            _write(out, results)
+    return results
+
+
+def _write(out: Path, results: list[dict]) -> None:
+    (out / "results.json").write_text(json.dumps({"machine": cpu_description(), "results": results}, indent=1) + "\n")
+    lines = ["| budget | precision | k | micro-batch | options | live tensors | allocator (resident + step) | "
+             "VmHWM rise | step ms | MNIST 5 ep. |", "| --- " * 10 + "|"]
+    for r in results:
+        if r["plan"] is None:
+            lines.append(f"| {r['budget']} | {r['precision']} | nothing fits | | | | | | | |")
+            continue
+        p = r["plan"]
+        alloc = r["resident_bytes"] + r["allocator_step_bytes"]
+        rss = "n/a" if r["rss_step_bytes"] is None else format_size(r["rss_step_bytes"])
+        acc = "-" if r["test_acc_5_epochs"] is None else f"{r['test_acc_5_epochs']:.2f}"
+        options = ", ".join(f"{k}={v}" for k, v in p["options"].items()) or "-"
+        lines.append(f"| {r['budget']} | {r['precision']} | {p['k']} | {p['micro_batch'] or 'all'} | {options} | "
+                     f"{format_size(r['tensor_peak_bytes'])} | {format_size(alloc)} | {rss} | {r['step_ms']:.0f} | {acc} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--runs", type=Path, default=None, help="directory of 5-epoch runs mnist-<precision>-k<k>")
+    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
+    parser.add_argument("--steps", type=int, default=5, help="steps timed per plan (median)")
+    args = parser.parse_args(argv)
+    run(args.out, args.runs, args.budgets, steps=args.steps)
+
+
+if __name__ == "__main__":
+    main()
