@@ -77,11 +77,12 @@ def accuracy(runs: Path | None, precision: str, k: int) -> float | None:
     return lines[-1]["test_acc"] if lines and lines[-1]["epoch"] == 5 else None
 
 
-def run(out: Path, runs: Path | None, budgets=BUDGETS, model="lenet5", batch_size=64, steps=5, log=print) -> list[dict]:
+def run(out: Path, runs: Path | None, budgets=BUDGETS, model="lenet5", batch_size=64, steps=5, log=print,
+        precisions=("int8", "fp32")) -> list[dict]:
     torch.set_num_threads(1)
     out.mkdir(parents=True, exist_ok=True)
     results, memo, timed = [], {}, {}
-    for precision in ("int8", "fp32"):
+    for precision in precisions:
         for text in budgets:
             budget = parse_size(text)
             best, _ = choose_plan(model, batch_size, precision, budget, memo=memo, log=log)
@@ -118,14 +119,48 @@ def _write(out: Path, results: list[dict]) -> None:
     (out / "results.md").write_text("\n".join(lines) + "\n")
 
 
+def verify_on_mnist(data_root: str, k: int, micro_batch: int, steps: int, **options) -> dict:
+    """Train ``steps`` real MNIST steps INT8 at split ``k`` twice, whole and in chunks of ``micro_batch``
+    (streamed), and compare every weight, carry and loss after every step: the evidence that the
+    unchunked 5-epoch run is the micro-batched plan's run."""
+    from elasticzo.data.loader import BatchLoader
+    from elasticzo.data.registry import load_dataset
+
+    part = load_dataset("mnist", data_root, "train", False, None, raw=True)
+    learners, losses = [], []
+    for micro in (0, micro_batch):
+        config = TrainConfig(precision="int8", bp_layers=k, micro_batch=micro, **options).validate()
+        learners.append(make_learner(config, 10, torch.device("cpu")))
+    loaders = [BatchLoader(part.x, part.y, 64, seed=0, stream=stream) for stream in (False, True)]
+    batches = [loader.epoch_batches(0) for loader in loaders]
+    for _ in range(steps):
+        pair = [learner.train_step(*next(b)) for learner, b in zip(learners, batches)]
+        losses.append([float(v) for v in pair])
+        states = [learner.state_tensors() for learner in learners]
+        if any(not torch.equal(states[0][name], states[1][name]) for name in states[0]) or pair[0] != pair[1]:
+            return {"k": k, "micro_batch": micro_batch, "equal_steps": len(losses) - 1, "steps": steps}
+    return {"k": k, "micro_batch": micro_batch, "equal_steps": steps, "steps": steps, "losses": losses}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--runs", type=Path, default=None, help="directory of 5-epoch runs mnist-<precision>-k<k>")
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     parser.add_argument("--steps", type=int, default=5, help="steps timed per plan (median)")
+    parser.add_argument("--precisions", nargs="+", default=["int8", "fp32"], choices=("int8", "fp32"))
+    parser.add_argument("--verify", nargs=2, type=int, action="append", metavar=("K", "MICRO"), default=[],
+                        help="instead: check on real MNIST that INT8 split K in chunks of MICRO equals the whole batch")
+    parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
-    run(args.out, args.runs, args.budgets, steps=args.steps)
+    if args.verify:
+        torch.set_num_threads(1)
+        args.out.mkdir(parents=True, exist_ok=True)
+        found = [verify_on_mnist(args.data_root, k, micro, args.steps) for k, micro in args.verify]
+        (args.out / "verify.json").write_text(json.dumps(found, indent=1) + "\n")
+        print(json.dumps(found))
+        return
+    run(args.out, args.runs, args.budgets, steps=args.steps, precisions=tuple(args.precisions))
 
 
 if __name__ == "__main__":
