@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from elasticzo.bench.memory import PERSISTENT
 from elasticzo.bench.plan import _memory_targets, choose_plan, format_size, parse_size, random_batch, train_command
 from elasticzo.bench.process_memory import step_peaks
 from elasticzo.config import TrainConfig
@@ -91,6 +92,7 @@ def run(out: Path, runs: Path | None, budgets=BUDGETS, model="lenet5", batch_siz
                 key = (precision, best.k, best.micro_batch, tuple(sorted(best.options.items())))
                 if key not in timed:
                     timed[key] = measure_plan(model, batch_size, precision, best, steps)
+                timed[key]["resident_bytes"] = sum(best.breakdown.get(c, 0) for c in PERSISTENT)  # as the tracker saw it
                 entry.update(plan={"k": best.k, "micro_batch": best.micro_batch, "options": best.options},
                              tensor_peak_bytes=best.peak_bytes, breakdown=best.breakdown, **timed[key],
                              command=train_command(model, batch_size, precision, best),
