@@ -77,7 +77,7 @@ def main() -> None:
 
 def write(path: Path, rows: list[dict], args, seconds: float) -> None:
     columns = [c for c in rows[0] if c != "model"]
-    lines = [f"# Own models on sklearn digits: test accuracy (%)", "",
+    lines = ["# Own models on sklearn digits: test accuracy (%)", "",
              f"`python examples/digits_table.py --epochs {args.epochs} --seed {args.seed}"
              + (f" --lr-zo {args.lr_zo}" if args.lr_zo is not None else "") + f" --out {args.out}`",
              f"({len(rows)} models, {args.epochs} epochs of 1437 training images, batch 64, cosine schedule, "

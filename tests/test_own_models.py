@@ -219,7 +219,7 @@ def test_every_closure_form_gives_the_same_update_as_closure_backward(k, kind):
 
 
 def test_all_layers_in_bp_with_a_forgotten_backward_still_trains():
-    model, (x, y) = build(DigitsCNN), data()
+    model, _ = build(DigitsCNN), data()
     before = params_of(model)
     train_params = train(3, "forgot_backward", steps=1)
     assert not torch.equal(before[0], train_params[0])
@@ -329,7 +329,7 @@ def test_python_defaults_are_the_cli_defaults():
     for name in ("lr_bp", "eps", "queries", "noise", "grad_clip", "normalize", "momentum", "weight_decay",
                  "zo_weight_decay", "bp_grad", "seed"):
         assert signature[name].default == getattr(cli, name), name
-    model, (x, _) = build(DigitsCNN), data()
+    model, _ = build(DigitsCNN), data()
     assert ElasticZO.for_model(model, 0).param_groups[0]["lr"] == TrainConfig(method="zo").zo_learning_rate()
     assert ElasticZO.for_model(model, 1).param_groups[0]["lr"] == TrainConfig(method="elasticzo").zo_learning_rate()
 

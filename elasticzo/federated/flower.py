@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from elasticzo.config import TrainConfig
-from elasticzo.federated.protocol import ClientDropped, FedClient, FedServer, FedSettings, payload_bytes, zo_part
+from elasticzo.federated.protocol import FedClient, FedServer, FedSettings, payload_bytes, zo_part
 from elasticzo.federated.simulate import federated_data, initial_record, round_record
 
 
