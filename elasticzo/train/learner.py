@@ -158,10 +158,6 @@ class Learner:
             tensors.update({f"{OPTIM}{index}.{key}": value for key, value in state.items()})
         return tensors
 
-    def expected_tensors(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-        """Name -> (dtype, shape) of ``state_tensors()``: what a checkpoint of this learner holds."""
-        return {name: (t.dtype, tuple(t.shape)) for name, t in self.state_tensors().items()}
-
     def state_meta(self) -> dict:
         """The optimiser's param groups (hyper-parameters, step counters) as JSON."""
         return {"param_groups": self.optimizer.state_dict()["param_groups"]}
