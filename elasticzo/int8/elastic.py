@@ -11,6 +11,10 @@ One step on an int8 batch, integer arithmetic only:
     W_Z <- sat(W_Z - (T >> F)),  R <- T & (2**F - 1)
     W_B <- NITI(W_B, G+, mu)                   the largest step has about mu bits
 
+A layer's integer bias (``int8.bias``) is one more tensor of its part, trained by the same
+rules: its own z (generator index ``len(zo_layers) + j`` for the j-th bias, so a bias-free network
+draws what it always drew), its own carry, and NITI on its gradient (the summed errors).
+
 The carry R (uint8 per ZO weight, F = 8 bits, starting at half a unit) keeps the fraction of a
 weight unit that the int8 weight cannot hold yet, so small steps add up exactly instead of being
 rounded away. The carry costs one byte per ZO weight.
@@ -88,10 +92,10 @@ class IntElasticZO(torch.optim.Optimizer):
             raise ValueError("IntElasticZO got no weight layers: both the ZO and the BP part are empty")
         groups = []
         if zo_layers:
-            groups.append(dict(params=[l.weight for l in zo_layers], part="zo", eps=eps, zo_shift=zo_shift,
+            groups.append(dict(params=[t for _, t in _tensors(zo_layers)], part="zo", eps=eps, zo_shift=zo_shift,
                                seed=seed, step=0))
         if bp_layers:
-            groups.append(dict(params=[l.weight for l in bp_layers], part="bp", mu=mu, step=0))
+            groups.append(dict(params=[t for _, t in _tensors(bp_layers)], part="bp", mu=mu, step=0))
         super().__init__(groups, defaults={})
         self.zo_layers, self.bp_layers = list(zo_layers), list(bp_layers)
         for layer in self.zo_layers:
@@ -107,8 +111,8 @@ class IntElasticZO(torch.optim.Optimizer):
     def _init_state(self) -> None:
         """A carry of half a unit per ZO weight (floor then rounds to nearest) and D = 0."""
         half = 1 << (CARRY_BITS - 1)
-        for layer in self.zo_layers:
-            self.state[layer.weight]["carry"] = torch.full_like(layer.weight, half, dtype=torch.uint8)
+        for _, tensor in _tensors(self.zo_layers):
+            self.state[tensor]["carry"] = torch.full_like(tensor, half, dtype=torch.uint8)
         if self.zo_layers:
             first = self.zo_layers[0].weight
             self.state[first]["d_scale"] = torch.zeros((), dtype=torch.int64, device=first.device)
@@ -153,6 +157,9 @@ class IntElasticZO(torch.optim.Optimizer):
                 loss_minus = self._evaluate(closure, backward=False)
             losses = torch.stack([loss_plus, loss_minus])
         if self.reduce is not None:
+            if any(layer.bias is not None for layer in self.bp_layers):
+                raise ValueError("IntElasticZO: data-parallel reduction of integer bias gradients is not "
+                                 "implemented; convert with drop_bias=True for a data-parallel run")
             losses = self.reduce(losses, self.bp_layers)
         if zo is None:
             loss = losses[0]
@@ -174,32 +181,35 @@ class IntElasticZO(torch.optim.Optimizer):
             return closure(backward)
 
     def _generator(self, zo: dict, index: int) -> torch.Generator:
-        """The generator of ZO layer ``index``'s direction z at this step (z is regenerated, never stored)."""
-        weight = self.zo_layers[index].weight
-        return layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), weight.device)
+        """The generator of ZO tensor ``index``'s direction z at this step (z is regenerated, never stored)."""
+        tensor = _tensors(self.zo_layers)[index][1]
+        return layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), tensor.device)
 
     def _perturbed_weight(self, zo: dict, index: int, sign: int) -> torch.Tensor:
-        """sat(W + sign eps z) of ZO layer ``index``; called per pass, or per chunk of a micro-batched pass."""
+        """sat(W + sign eps z) of ZO tensor ``index`` (the weights, then the biases); called per pass,
+        or per chunk of a micro-batched pass."""
         with memory_tag("zo_noise"):
-            return perturbed_weight(self.zo_layers[index].weight, self._generator(zo, index), sign * zo["eps"])
+            return perturbed_weight(_tensors(self.zo_layers)[index][1], self._generator(zo, index), sign * zo["eps"])
 
     def _direction(self, zo: dict, index: int) -> torch.Tensor:
-        """z of ZO layer ``index`` at this step, regenerated from its seed (never stored)."""
-        weight = self.zo_layers[index].weight
-        gen = layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), weight.device)
+        """z of ZO tensor ``index`` at this step, regenerated from its seed (never stored)."""
         with memory_tag("zo_noise"):
-            return int8_noise(weight.shape, gen)
+            return int8_noise(_tensors(self.zo_layers)[index][1].shape, self._generator(zo, index))
 
     @contextmanager
     def _perturbed(self, zo: dict, sign: int) -> Iterator[None]:
-        """Within the block, ZO layer i computes with sat(W_i + sign * eps z_i), built when it runs."""
-        for i, layer in enumerate(self.zo_layers):  # built piece by piece: z and its int16 copies never whole
-            layer.perturbation = lambda i=i, layer=layer: self._perturbed_weight(zo, i, sign)
+        """Within the block, ZO tensor i computes as sat(T_i + sign * eps z_i), built when its layer runs."""
+        for i, (layer, tensor) in enumerate(_tensors(self.zo_layers)):  # piece by piece: z never whole
+            hook = lambda i=i: self._perturbed_weight(zo, i, sign)
+            if tensor is layer.weight:
+                layer.perturbation = hook
+            else:
+                layer.bias_perturbation = hook
         try:
             yield
         finally:
             for layer in self.zo_layers:
-                layer.perturbation = None
+                layer.perturbation = layer.bias_perturbation = None
 
     def _zo_update(self, zo: dict, d: torch.Tensor) -> None:
         """W <- sat(W - d z / 2**s), the fraction carried; s follows |d| (no host sync)."""
@@ -208,8 +218,8 @@ class IntElasticZO(torch.optim.Optimizer):
         scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
         s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(max=62)
         self.last_projected_grads = d.reshape(1)
-        for i, layer in enumerate(self.zo_layers):  # in place, z streamed: no copy of the layer, no whole z
-            zo_update_(layer.weight, self._generator(zo, i), d, s, self.state[layer.weight]["carry"])
+        for i, (_, tensor) in enumerate(_tensors(self.zo_layers)):  # in place, z streamed: no copy, no whole z
+            zo_update_(tensor, self._generator(zo, i), d, s, self.state[tensor]["carry"])
 
     def _bp_update(self, bp: dict) -> None:
         """NITI on every BP layer from the gradient its backward left, then drop the gradient."""
@@ -218,4 +228,11 @@ class IntElasticZO(torch.optim.Optimizer):
                 raise RuntimeError("IntElasticZO: a BP layer has no gradient; the closure must call "
                                    "model.backward(grad) when backward=True (see loss_closure)")
             layer.weight.copy_(niti_update(layer.weight, layer.grad_acc, bp["mu"]))
-            layer.grad_acc = layer.grad_exponent = None
+            if layer.bias is not None:
+                layer.bias.copy_(niti_update(layer.bias, layer.bias_grad, bp["mu"]))
+            layer.grad_acc = layer.grad_exponent = layer.bias_grad = None
+
+
+def _tensors(layers: list[_WeightLayer]) -> list[tuple[_WeightLayer, torch.Tensor]]:
+    """(layer, tensor) of every trained int8 tensor: all the weights in order, then the biases."""
+    return [(l, l.weight) for l in layers] + [(l, l.bias) for l in layers if l.bias is not None]

@@ -47,3 +47,14 @@ def quantize_input(x: torch.Tensor) -> QTensor:
         return quantize(x)
     raise TypeError(f"the integer model takes raw uint8 pixels, int8 points (quantize_points), a float batch "
                     f"or a QTensor; got a {x.dtype} tensor")
+
+
+def quantize_once(*splits: torch.Tensor) -> list[QTensor]:
+    """Float datasets (e.g. standardised images) as int8 QTensors sharing one exponent, quantised once
+    at load time, so that a batch ``QTensor(q.values[idx], q.exponent)`` keeps the step integer-only."""
+    q = quantize(torch.cat([s.reshape(s.shape[0], -1) for s in splits]))
+    out, lo = [], 0
+    for s in splits:
+        out.append(QTensor(q.values[lo:lo + s.shape[0]].reshape(s.shape), q.exponent))
+        lo += s.shape[0]
+    return out

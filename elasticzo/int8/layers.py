@@ -3,12 +3,14 @@
 Every layer is an ``nn.Module`` mapping QTensor -> QTensor, so a network has ``.to()``,
 ``state_dict()``, ``load_state_dict()``, ``.eval()`` like a float one. ``forward(x, store=True)``
 keeps what ``backward`` needs; ``store=False`` keeps nothing (the ZO part: forward only, the
-memory of inference). Weight layers (``IntLinear``, ``IntConv2d``, no bias as in NITI) hold the
+memory of inference). Weight layers (``IntLinear``, ``IntConv2d``) hold the
 int8 ``weight`` and its fixed exponent as buffers (``exponent``, an int64 scalar, mirrored in
 the Python int ``weight_exponent`` that forward reads without a host sync); ``backward`` leaves
 the integer weight gradient in ``grad_acc`` (int32, or int64 when the sum is too long for
 int32) with value grad_acc * 2**grad_exponent, and returns the requantized int8 error for the
-layer below.
+layer below. A weight layer may have an integer ``bias`` (int8 with its own fixed exponent
+``bias_exponent``, added in the accumulator's scale: ``int8.bias``); its gradient goes to
+``bias_grad`` (int64, the sum of the errors).
 
 A weight layer computes with another int8 weight of the same shape and exponent when given
 ``forward(x, weight=w)`` or while its ``perturbation`` callable is set (``IntElasticZO`` sets
@@ -23,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from elasticzo.int8.bias import add_bias, bias_gradient
 from elasticzo.int8.format import Exponent, QTensor, requantize_int32
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import requantize_shift
@@ -87,13 +90,23 @@ class _WeightLayer(IntLayer):
 
     has_weight = True
 
-    def __init__(self, weight: torch.Tensor, weight_exponent: int):
+    def __init__(self, weight: torch.Tensor, weight_exponent: int, bias: torch.Tensor | None = None,
+                 bias_exponent: int = 0):
         super().__init__()
-        if weight.dtype != torch.int8:
-            raise TypeError(f"{type(self).__name__} weight must be int8, got {weight.dtype}")
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != torch.int8:
+                raise TypeError(f"{type(self).__name__} {name} must be int8, got {t.dtype}")
+        if bias is not None and bias.shape != weight.shape[:1]:
+            raise ValueError(f"{type(self).__name__} bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
         self.register_buffer("weight", weight)
         self.register_buffer("exponent", torch.tensor(int(weight_exponent), dtype=torch.int64))
         self._exponent = int(weight_exponent)
+        self.register_buffer("bias", bias)  # None: no bias, no state_dict entry (NITI's layout)
+        if bias is not None:
+            self.register_buffer("bias_exponent", torch.tensor(int(bias_exponent), dtype=torch.int64))
+        self._bias_exponent = int(bias_exponent)
+        self.bias_perturbation: Callable[[], torch.Tensor] | None = None  # the bias's twin of ``perturbation``
+        self.bias_grad: torch.Tensor | None = None  # int64 [out], set by backward when there is a bias
         self.backprop = True  # False: a ZO layer (nothing stored for it, backward stops above it)
         self.perturbation: Callable[[], torch.Tensor] | None = None  # set by IntElasticZO for +-eps passes
         self.grad_acc: torch.Tensor | None = None  # int32/int64, set by backward
@@ -113,6 +126,18 @@ class _WeightLayer(IntLayer):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._exponent = int(self.exponent)  # once per load: keep the Python mirror in step
+        if self.bias is not None:
+            self._bias_exponent = int(self.bias_exponent)
+
+    def _biased(self, acc: torch.Tensor, exponent: Exponent, dim: int) -> torch.Tensor:
+        """The accumulator plus the bias (perturbed while ``bias_perturbation`` is set); unchanged without one."""
+        if self.bias is None:
+            return acc
+        bias = self.bias if self.bias_perturbation is None else self.bias_perturbation()
+        return add_bias(acc, bias, self._bias_exponent, exponent, self.weight[0].numel(), dim)
+
+    def _keep_bias_grad(self, grad: torch.Tensor, dim: int) -> None:
+        self.bias_grad = None if self.bias is None else bias_gradient(grad, dim)
 
     def _weight(self, weight: torch.Tensor | None) -> torch.Tensor:
         if weight is None:
@@ -138,8 +163,9 @@ class IntLinear(_WeightLayer):
     result exactly). 2-D inputs are never tiled: their accumulator is small.
     """
 
-    def __init__(self, weight: torch.Tensor, weight_exponent: int, tile: int = 0):
-        super().__init__(weight, weight_exponent)
+    def __init__(self, weight: torch.Tensor, weight_exponent: int, tile: int = 0, bias: torch.Tensor | None = None,
+                 bias_exponent: int = 0):
+        super().__init__(weight, weight_exponent, bias, bias_exponent)
         self.tile = tile  # examples per int32 accumulator tile of a per-point input (0: all at once)
 
     def forward(self, x: QTensor, store: bool = True, weight: torch.Tensor | None = None) -> QTensor:
@@ -147,8 +173,8 @@ class IntLinear(_WeightLayer):
         w = self._weight(weight)
         exponent = x.exponent + self.weight_exponent
         if x.values.dim() == 2:
-            return requantize_int32(int8_linear(x.values, w), exponent)  # [B, out]
-        rows = lambda lo, hi: _per_point_linear(x.values[lo:hi], w)  # [hi - lo, N, out]
+            return requantize_int32(self._biased(int8_linear(x.values, w), exponent, -1), exponent)  # [B, out]
+        rows = lambda lo, hi: self._biased(_per_point_linear(x.values[lo:hi], w), exponent, -1)  # [hi - lo, N, out]
         if self.tile and x.shape[0] > self.tile:
             return requantize_tiled(rows, x.shape[0], self.tile, exponent)
         return requantize_int32(rows(0, x.shape[0]), exponent)
@@ -159,6 +185,7 @@ class IntLinear(_WeightLayer):
         self.grad_acc = int8_linear_grad_weight(g2, x2)  # [out, in]
         self.grad_terms = g2.shape[0]  # products summed per entry: int32 is exact up to MAX_INT32_TERMS
         self.grad_exponent = grad.exponent + x.exponent
+        self._keep_bias_grad(g2, -1)
         self.clear()
         if not input_grad:
             return None
@@ -175,10 +202,11 @@ def _per_point_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class IntConv2d(_WeightLayer):
-    """Cross-correlation as nn.Conv2d without bias, weight [O, C, kh, kw] int8."""
+    """Cross-correlation as nn.Conv2d, weight [O, C, kh, kw] int8, optional int8 bias [O]."""
 
-    def __init__(self, weight: torch.Tensor, weight_exponent: int, stride=1, padding=0, tile: int = 0):
-        super().__init__(weight, weight_exponent)
+    def __init__(self, weight: torch.Tensor, weight_exponent: int, stride=1, padding=0, tile: int = 0,
+                 bias: torch.Tensor | None = None, bias_exponent: int = 0):
+        super().__init__(weight, weight_exponent, bias, bias_exponent)
         self.stride, self.padding = stride, padding
         self.tile = tile  # images per tile of the int32 accumulator (0: the whole batch at once)
 
@@ -186,13 +214,14 @@ class IntConv2d(_WeightLayer):
         self._input = x if store else None
         w = self._weight(weight)
         exponent = x.exponent + self.weight_exponent
-        fused = int8_conv2d_requant(x.values, w, self.stride, self.padding)  # native: one image's int32 at a time
-        if fused is not None:
-            return QTensor(fused[0], exponent + fused[1])
+        if self.bias is None:
+            fused = int8_conv2d_requant(x.values, w, self.stride, self.padding)  # native: one image's int32 at a time
+            if fused is not None:
+                return QTensor(fused[0], exponent + fused[1])
+        conv = lambda lo, hi: self._biased(int8_conv2d(x.values[lo:hi], w, self.stride, self.padding), exponent, 1)
         if self.tile and x.shape[0] > self.tile:
-            conv = lambda lo, hi: int8_conv2d(x.values[lo:hi], w, self.stride, self.padding)
             return requantize_tiled(conv, x.shape[0], self.tile, exponent)
-        acc = int8_conv2d(x.values, w, self.stride, self.padding)  # channels-last strides
+        acc = conv(0, x.shape[0])  # channels-last strides
         out = requantize_int32(acc, exponent)
         return QTensor(out.values.contiguous(), out.exponent)  # copy the int8 result, not the int32 one
 
@@ -201,6 +230,7 @@ class IntConv2d(_WeightLayer):
         self.grad_acc = int8_conv2d_grad_weight(grad.values, x.values, self.weight.shape, self.stride, self.padding)
         self.grad_terms = grad.values.numel() // grad.shape[1]  # B * OH * OW products per entry
         self.grad_exponent = grad.exponent + x.exponent
+        self._keep_bias_grad(grad.values, 1)
         self.clear()
         if not input_grad:
             return None

@@ -41,6 +41,7 @@ class _GradSum:
         self.sums: list[torch.Tensor | None] = [None] * len(self.layers)
         self.terms = [0] * len(self.layers)
         self.exponents: list = [None] * len(self.layers)
+        self.bias_sums: list[torch.Tensor | None] = [None] * len(self.layers)  # int64: exact in any order
 
     def take(self) -> None:
         """Add each layer's chunk gradient to its sum (widened to int64 when the unchunked product would be)."""
@@ -55,15 +56,18 @@ class _GradSum:
             else:
                 total.add_(part)
             self.exponents[i] = layer.grad_exponent
+            bias, layer.bias_grad = getattr(layer, "bias_grad", None), None
+            if bias is not None:
+                self.bias_sums[i] = bias if self.bias_sums[i] is None else self.bias_sums[i].add_(bias)
 
     def drop(self) -> None:
         for layer in self.layers:
-            layer.grad_acc = layer.grad_exponent = None
+            layer.grad_acc = layer.grad_exponent = layer.bias_grad = None
             layer.clear()
 
     def store(self) -> None:
-        for layer, total, exponent in zip(self.layers, self.sums, self.exponents):
-            layer.grad_acc, layer.grad_exponent = total, exponent
+        for layer, total, exponent, bias in zip(self.layers, self.sums, self.exponents, self.bias_sums):
+            layer.grad_acc, layer.grad_exponent, layer.bias_grad = total, exponent, bias
 
 
 def run_chunked(pass_fn: Callable[[int, int], torch.Tensor], batch: int, micro_batch: int,
