@@ -39,6 +39,10 @@ class QTensor:
     def shape(self) -> torch.Size:
         return self.values.shape
 
+    def __getitem__(self, index) -> "QTensor":
+        """Rows of the batch (a slice or index tensor), with the shared exponent."""
+        return QTensor(self.values[index], self.exponent)
+
     def reshape(self, *shape: int) -> "QTensor":
         return QTensor(self.values.reshape(*shape), self.exponent)
 

@@ -31,7 +31,7 @@ def quantize_points(x: torch.Tensor) -> torch.Tensor:
     return torch.round(x * (2.0 ** -POINT_EXPONENT)).clamp_(-127, 127).to(torch.int8)
 
 
-def quantize_input(x: torch.Tensor) -> QTensor:
+def quantize_input(x: torch.Tensor | QTensor) -> QTensor:
     """A batch as the engine's input QTensor, by dtype:
 
     * uint8: raw pixels, one shift (``quantize_pixels``);
@@ -39,6 +39,8 @@ def quantize_input(x: torch.Tensor) -> QTensor:
     * floating: ``quantize`` with the tensor's own power-of-two exponent (the float boundary:
       fine for inference and conversion checks; training data is quantised once at load time).
     """
+    if isinstance(x, QTensor):
+        return x  # already the engine's input (e.g. a batch of a dataset quantised once)
     if x.dtype == torch.uint8:
         return quantize_pixels(x)
     if x.dtype == torch.int8:

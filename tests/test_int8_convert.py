@@ -1,0 +1,230 @@
+"""convert for ordinary models: bias, BatchNorm folding, residual adds, average pooling, fx graphs, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from elasticzo.int8 import IntElasticZO, QTensor, convert, dequantize, loss_closure, quantize
+from elasticzo.int8.audit import DtypeAudit
+from elasticzo.int8.bias import accumulator_room, add_bias
+from elasticzo.int8.blocks import IntGlobalAvgPool2d, add_aligned
+from elasticzo.int8.fold import folded
+from elasticzo.int8.graph import IntGraph
+from elasticzo.int8.inputs import quantize_once
+from elasticzo.int8.microbatch import micro_batched_loss_closure
+from elasticzo.int8.reference import ReferenceIntElasticZO
+from elasticzo.int8.sequential import IntSequential
+from elasticzo.models.small import SMALL_MODELS, TinyResNet
+
+pytest.importorskip("sklearn")
+from elasticzo.data.digits import load_digits_split  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CONVERTIBLE = ["cnn", "bn-dropout-mlp", "resnet"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_split(0)
+
+
+def _trained_float(name, digits, steps=150):
+    """A float model trained briefly with Adam (BatchNorm statistics move away from 0 and 1)."""
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    model = SMALL_MODELS[name]()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(y), (64,), generator=gen)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+def test_conversion_keeps_the_function_of_a_trained_float_model(name, digits):
+    _, _, x_test, y_test = digits
+    model = _trained_float(name, digits)
+    net = convert(model).eval()
+    assert any(layer.bias is not None for layer in net.weight_layers())  # biases (or folded BatchNorm) kept
+    with torch.no_grad():
+        want = model(x_test).argmax(1)
+        got = dequantize(net(x_test)).argmax(1)
+    assert float((got == want).float().mean()) >= 0.97
+    if name == "cnn":  # the biases matter: dropping them changes the function more
+        with pytest.warns(UserWarning, match="dropping"):
+            dropped = convert(model, drop_bias=True).eval()
+        with torch.no_grad():
+            assert float((dequantize(dropped(x_test)).argmax(1) == want).float().mean()) < float((got == want).float().mean())
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_batchnorm_folds_exactly_in_float64(dims):
+    torch.manual_seed(1)
+    layer = nn.Linear(5, 4) if dims == 1 else nn.Conv2d(3, 4, 3, padding=1)
+    bn = nn.BatchNorm1d(4) if dims == 1 else nn.BatchNorm2d(4)
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2), bn.bias.data.uniform_(-1, 1)
+    x = torch.randn(6, 5, dtype=torch.float64) if dims == 1 else torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    want = bn.double().eval()(layer.double()(x))
+    w, b = folded(layer, bn)
+    got = F.linear(x, w, b) if dims == 1 else F.conv2d(x, w, b, padding=1)
+    assert torch.allclose(got, want, atol=1e-12)
+
+
+int8s = st.lists(st.integers(-127, 127), min_size=1, max_size=16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=int8s, b=int8s, ea=st.integers(-60, 60), eb=st.integers(-60, 60), extreme=st.booleans())
+def test_residual_add_aligns_exponents_and_never_overflows(a, b, ea, eb, extreme):
+    n = min(len(a), len(b))
+    a, b = (a[:n], b[:n]) if not extreme else ([127] * n, [127 if i % 2 else -127 for i in range(n)])
+    qa, qb = QTensor(torch.tensor(a, dtype=torch.int8), ea), QTensor(torch.tensor(b, dtype=torch.int8), eb)
+    out = add_aligned(qa, qb)
+    assert out.values.dtype == torch.int8 and int(out.values.abs().max()) <= 127
+    exact = dequantize(qa) + dequantize(qb)  # float64: exact for these magnitudes
+    unit = 2.0 ** int(out.exponent)
+    assert float((dequantize(out) - exact).abs().max()) <= 1.5 * unit  # half a unit of each rounding, saturation
+    if abs(ea - eb) <= 23 and float(exact.abs().max()) <= 127 * 2.0 ** min(ea, eb):  # fits unshifted: exact
+        assert torch.equal(dequantize(out), exact)
+
+
+@settings(max_examples=200, deadline=None)
+@given(acc=st.lists(st.integers(-(2**24), 2**24), min_size=3, max_size=3), bias=st.lists(st.integers(-127, 127), min_size=3, max_size=3),
+       eb=st.integers(-70, 70), ea=st.integers(-70, 70), fan_in=st.sampled_from([1, 9, 1024, 2**17 + 1]))
+def test_bias_is_added_in_the_accumulator_scale_and_saturates(acc, bias, eb, ea, fan_in):
+    top = fan_in * 128 * 128  # the largest |accumulator| of fan_in int8 products
+    acc = [max(-top, min(top, a)) for a in acc]
+    got = add_bias(torch.tensor([acc], dtype=torch.int32), torch.tensor(bias, dtype=torch.int8), eb, ea, fan_in, -1)
+    room = accumulator_room(fan_in)
+    for g, a, b in zip(got[0].tolist(), acc, bias):  # Python ints: the rule written out
+        d = eb - ea
+        aligned = b * 2 ** min(d, 40) if d >= 0 else (b + 2 ** (-d - 1)) >> -d  # round half up
+        assert g == a + (max(-room, min(room, aligned)) if room else aligned)
+    assert got.dtype == (torch.int32 if room else torch.int64)
+
+
+def test_global_average_pool_rounds_to_nearest():
+    x = QTensor(torch.tensor([[[[1, 2], [3, 5]]], [[[-1, -2], [-3, -5]]]], dtype=torch.int8), 0)  # sums 11 and -11
+    out = IntGlobalAvgPool2d()(x)
+    assert out.values.shape == (2, 1, 1, 1)
+    assert dequantize(out).flatten().tolist() == [2.75, -2.75]  # 11 / 4, exact: 4 is a power of two
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randint(-127, 128, (3, 4, 3, 3), dtype=torch.int8, generator=gen)  # 9 pixels: not a power of two
+    out = IntGlobalAvgPool2d()(QTensor(v, -3))
+    mean = v.double().mean(dim=(2, 3), keepdim=True) * 2.0 ** -3
+    assert float((dequantize(out) - mean).abs().max()) <= 2.0 ** int(out.exponent) * (0.5 + 2 ** -8)
+
+
+def test_graph_of_a_sequential_equals_the_sequential_path_bit_for_bit(digits):
+    x, y, _, _ = digits
+    seq = _trained_float("cnn", digits)
+
+    class Wrapped(nn.Module):  # the same layers, reached through a forward instead of a chain
+        def __init__(self):
+            super().__init__()
+            self.body = seq
+
+        def forward(self, x):
+            return self.body(x)
+
+    a, b = convert(seq), convert(Wrapped())
+    assert isinstance(a, IntSequential) and isinstance(b, IntGraph)
+    xq = quantize(x[:32])
+    results = []
+    for net in (a, b):
+        net.train()
+        logits = net(xq)
+        loss = loss_closure(net, xq, y[:32])(True)
+        results.append((logits, loss, [(l.grad_acc, l.bias_grad) for l in net.weight_layers()]))
+    (la, sa, ga), (lb, sb, gb) = results
+    assert torch.equal(la.values, lb.values) and int(la.exponent) == int(lb.exponent) and int(sa) == int(sb)
+    assert all(torch.equal(p, q) and torch.equal(r, s) for (p, r), (q, s) in zip(ga, gb))
+
+
+def test_residual_graph_gradients_follow_the_float_gradients(digits):
+    x, y, _, _ = digits
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    net = convert(model).train()
+    for layer in net.weight_layers():
+        layer.backprop = True
+    xq = quantize(x[:64])
+    loss_closure(net, xq, y[:64])(True)
+    F.cross_entropy(model(dequantize(xq).float()), y[:64], reduction="sum").backward()
+    floats = [model.stem[0].weight, model.conv1.weight, model.conv2.weight, model.fc.weight]  # forward order
+    for layer, p in zip(net.weight_layers(), floats):
+        cos = F.cosine_similarity(layer.grad_acc.double().flatten(), p.grad.double().flatten(), dim=0)
+        assert float(cos) > 0.95
+
+
+@pytest.mark.parametrize("name,k", [("cnn", 0), ("cnn", 1), ("bn-dropout-mlp", 2), ("resnet", 1), ("resnet", 2)])
+def test_optimiser_equals_its_reference_twin_with_biases_and_graphs(name, k, digits):
+    x, y, _, _ = digits
+    nets = [convert(_trained_float(name, digits, steps=20)) for _ in range(2)]
+    opt = IntElasticZO.for_model(nets[0], k, seed=3, zo_shift=2)
+    ref = ReferenceIntElasticZO(nets[1], k, seed=3, zo_shift=2)
+    xq, = quantize_once(x[:96])
+    for lo in (0, 32, 64):
+        batch = QTensor(xq.values[lo:lo + 32], xq.exponent)
+        opt.step(loss_closure(nets[0], batch, y[lo:lo + 32]))
+        ref.step(batch, y[lo:lo + 32])
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+def test_a_step_on_new_layers_is_integer_only_and_micro_batches_exactly(name, digits):
+    x, y, _, _ = digits
+    xq, = quantize_once(x[:64])
+    nets = [convert(_trained_float(name, digits, steps=5)).train() for _ in range(2)]
+    opts = [IntElasticZO.for_model(net, 1, seed=0) for net in nets]
+    for _ in range(2):  # the first step warms up the ops dispatch (its speed probe times in float)
+        opts[0].step(loss_closure(nets[0], xq, y[:64]))
+        opts[1].step(micro_batched_loss_closure(nets[1], xq, y[:64], micro_batch=16))
+    with DtypeAudit() as audit:
+        opts[0].step(loss_closure(nets[0], xq, y[:64]))
+    assert audit.count > 0 and audit.float_ops == []
+    opts[1].step(micro_batched_loss_closure(nets[1], xq, y[:64], micro_batch=16))
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return self.fc(x.flatten(1))
+        return -self.fc(x.flatten(1))
+
+
+class _Positional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(64))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1) + self.pos)
+
+
+@pytest.mark.parametrize("model,words", [
+    (SMALL_MODELS["transformer"](), ["encoder", "TransformerEncoderLayer", "keep that part", "float"]),
+    (_Branchy(), ["_Branchy", "torch.fx cannot trace", "control flow"]),
+    (_Positional(), ["pos", "outside a module", "float"]),
+    (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10)), ["module 1", "BatchNorm1d", "directly follow"]),
+    (nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.LayerNorm(10)), ["module 2", "LayerNorm", "no integer form"]),
+    (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(2)), ["module 1", "AdaptiveAvgPool2d", "output_size=1"]),
+])
+def test_what_cannot_be_converted_is_named_with_what_to_do(model, words):
+    with pytest.raises(ValueError) as err:
+        convert(model)
+    for word in words:
+        assert word in str(err.value)
