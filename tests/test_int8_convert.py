@@ -1,4 +1,7 @@
 """convert for ordinary models: bias, BatchNorm folding, residual adds, average pooling, fx graphs, errors."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,3 +231,17 @@ def test_what_cannot_be_converted_is_named_with_what_to_do(model, words):
         convert(model)
     for word in words:
         assert word in str(err.value)
+
+
+def test_the_finetuning_example_converts_a_bn_dropout_model_and_improves_it(tmp_path):
+    """examples/finetune_int8.py with fast settings, so that it cannot rot."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "finetune_int8.py"
+    spec = importlib.util.spec_from_file_location("finetune_int8", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    checkpoint = str(tmp_path / "float.pt")
+    first = example.main(["--float-epochs", "1", "--int8-epochs", "3", "--checkpoint", checkpoint])
+    assert abs(first["int8 converted"] - first["float"]) <= 3.0  # conversion keeps the function
+    assert first["int8 fine-tuned"] > first["int8 converted"]  # integer fine-tuning improves it
+    again = example.main(["--float-epochs", "0", "--int8-epochs", "0", "--checkpoint", checkpoint])
+    assert again["float"] == first["float"] and again["int8 converted"] == first["int8 converted"]  # loaded
