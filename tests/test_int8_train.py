@@ -211,7 +211,7 @@ def test_integer_model_takes_raw_batches_and_names_what_it_wants():
         net(torch.zeros(1, 1, 28, 28, dtype=torch.int16))
 
 
-@pytest.mark.parametrize("bad", [dict(eps=0), dict(eps=1.5), dict(zo_shift=-1), dict(mu=9), dict(bp_layers=6),
+@pytest.mark.parametrize("bad", [dict(eps=0), dict(eps=1.5), dict(zo_shift=-9), dict(mu=9), dict(bp_layers=6),
                                  dict(zo_shift=31)])
 def test_bad_settings_raise(bad):
     net, _, _ = net_and_batch()

@@ -6,7 +6,7 @@ One step on an int8 batch, integer arithmetic only:
     L- = CE_int(net(x; W_Z - eps z, W_B))      forward only, nothing stored
     d  = L+ - L-                               integer loss units (2**-16 bits, batch sum)
     D <- D - D / 16 + |d| / 16                 running mean of |d| (integer EMA, shifts)
-    s  = bitlength(D) + zo_shift
+    s  = max(bitlength(D) + zo_shift, 0)
     T  = R + d * z * 2**(F - s)                the step in 2**-F weight units (rounded if s > F), plus carry
     W_Z <- sat(W_Z - (T >> F)),  R <- T & (2**F - 1)
     W_B <- NITI(W_B, G+, mu)                   the largest step has about mu bits
@@ -52,6 +52,7 @@ from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturbed
 from elasticzo.zo.noise import derive_seed, layer_generator
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
+MIN_ZO_SHIFT = -8  # a step of up to 2**8 units at the mean |d|: as far as an int8 weight can move
 Closure = Callable[[bool], torch.Tensor]
 
 
@@ -78,7 +79,8 @@ class IntElasticZO(torch.optim.Optimizer):
             with integer SPSA and with NITI backprop; ZO layers get ``backprop = False``.
         eps: perturbation in weight units (integer 1..127).
         zo_shift: extra right shift of the ZO step; the expected |step| is about 2**-zo_shift units
-            per weight when |d| is at its running mean (integer 0..30).
+            per weight when |d| is at its running mean (integer -8..30; below 0 the step is
+            several units, which small models converted from float need: docs/digits.md).
         mu: NITI learning rate of the BP part, a bit width in 1..8.
         seed: the directions of step t come from derive_seed(seed, t, 0, layer).
     """
@@ -86,7 +88,8 @@ class IntElasticZO(torch.optim.Optimizer):
     def __init__(self, zo_layers: list[_WeightLayer], bp_layers: list[_WeightLayer], *, eps: int = 1,
                  zo_shift: int = 4, mu: int = 3, seed: int = 0):
         _check("eps", eps, isinstance(eps, int) and 1 <= eps <= 127, "an integer in 1..127 (weight units)")
-        _check("zo_shift", zo_shift, isinstance(zo_shift, int) and 0 <= zo_shift <= 30, "an integer in 0..30")
+        _check("zo_shift", zo_shift, isinstance(zo_shift, int) and MIN_ZO_SHIFT <= zo_shift <= 30,
+               f"an integer in {MIN_ZO_SHIFT}..30")
         _check("mu", mu, isinstance(mu, int) and 1 <= mu <= 8, "an integer in 1..8 (bits)")
         if not zo_layers and not bp_layers:
             raise ValueError("IntElasticZO got no weight layers: both the ZO and the BP part are empty")
@@ -216,7 +219,7 @@ class IntElasticZO(torch.optim.Optimizer):
         state = self.state[self.zo_layers[0].weight]
         scale = state["d_scale"]
         scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
-        s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(max=62)
+        s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(0, 62)
         self.last_projected_grads = d.reshape(1)
         for i, (_, tensor) in enumerate(_tensors(self.zo_layers)):  # in place, z streamed: no copy, no whole z
             zo_update_(tensor, self._generator(zo, i), d, s, self.state[tensor]["carry"])

@@ -7,7 +7,7 @@ network stores and runs its backward, and the updates are computed without chunk
 carries. The trained tensors are the weights in order, then the biases (``int8.bias``); tensor
 i draws its z from derive_seed(seed, step, 0, i):
 
-    d = L+ - L-,  D <- D - (D >> 4) + (|d| >> 4),  s = min(bitlength(max(D, 1)) + zo_shift, 62)
+    d = L+ - L-,  D <- D - (D >> 4) + (|d| >> 4),  s = clamp(bitlength(max(D, 1)) + zo_shift, 0, 62)
     T = R + d z 2**(8 - s) (rounded when s > 8),  W_Z <- sat(W_Z - (T >> 8)),  R <- T mod 2**8  (R starts at 128)
     W_B <- sat(W_B - round_ps(G / 2**max(bitlength(G) - mu, 0)))      G: NITI gradient of the + pass
     b_B <- the same with G = the bias gradient, the errors summed over the batch
@@ -92,7 +92,7 @@ class ReferenceIntElasticZO:
 
     def _zo_update(self, zo, zs, d: int) -> None:
         self.d_mean = self.d_mean - (self.d_mean >> D_DECAY_SHIFT) + (abs(d) >> D_DECAY_SHIFT)
-        s = min(int(bitlength(torch.tensor(max(self.d_mean, 1)))) + self.zo_shift, 62)
+        s = max(min(int(bitlength(torch.tensor(max(self.d_mean, 1)))) + self.zo_shift, 62), 0)
         for (layer, name), z, carry in zip(zo, zs, self.carries):
             dz = d * z.to(torch.int64)  # the step d z / 2**s, in 2**-8 weight units:
             scaled = dz * 2 ** (CARRY_FRACTION_BITS - s) if s <= CARRY_FRACTION_BITS else \
