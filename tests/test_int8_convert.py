@@ -245,3 +245,22 @@ def test_the_finetuning_example_converts_a_bn_dropout_model_and_improves_it(tmp_
     assert first["int8 fine-tuned"] > first["int8 converted"]  # integer fine-tuning improves it
     again = example.main(["--float-epochs", "0", "--int8-epochs", "0", "--checkpoint", checkpoint])
     assert again["float"] == first["float"] and again["int8 converted"] == first["int8 converted"]  # loaded
+
+
+def test_biases_and_their_exponents_round_trip_through_state_dict(digits):
+    x, _, _, _ = digits
+    a, b = convert(_trained_float("cnn", digits, steps=5)), convert(SMALL_MODELS["cnn"]())
+    assert {k for k in a.state_dict() if "bias" in k} == {"0.bias", "0.bias_exponent", "3.bias", "3.bias_exponent",
+                                                          "7.bias", "7.bias_exponent"}
+    b.load_state_dict(a.state_dict())
+    xq = quantize(x[:16])
+    assert torch.equal(a.eval()(xq).values, b.eval()(xq).values)  # the Python exponent mirror is reloaded too
+
+
+def test_data_parallel_reduction_refuses_biases_by_name():
+    net = convert(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+    opt = IntElasticZO.for_model(net, 1)
+    opt.reduce = lambda losses, layers: losses
+    xq, = quantize_once(torch.randn(8, 1, 8, 8))
+    with pytest.raises(ValueError, match="bias"):
+        opt.step(loss_closure(net, xq, torch.zeros(8, dtype=torch.long)))
