@@ -264,3 +264,27 @@ def test_data_parallel_reduction_refuses_biases_by_name():
     xq, = quantize_once(torch.randn(8, 1, 8, 8))
     with pytest.raises(ValueError, match="bias"):
         opt.step(loss_closure(net, xq, torch.zeros(8, dtype=torch.long)))
+
+
+class _FunctionalCNN(nn.Module):
+    """DigitsCNN written the pytorch/examples way: modules for weights, functions for the rest."""
+
+    def __init__(self, seq):
+        super().__init__()
+        self.conv1, self.conv2, self.fc = seq[0], seq[3], seq[7]
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(torch.relu(self.conv2(x)), kernel_size=2)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_functional_calls_convert_as_their_modules_bit_for_bit(digits):
+    x, _, _, _ = digits
+    seq = _trained_float("cnn", digits, steps=20)
+    a, b = convert(seq).eval(), convert(_FunctionalCNN(seq)).eval()
+    assert [type(l).__name__ for l in b.layers] == [type(l).__name__ for l in a.layers]
+    xq = quantize(x[:64])
+    assert torch.equal(a(xq).values, b(xq).values)
+    with pytest.raises(ValueError, match="padding"):  # the module's own checks apply to the function
+        convert(type("P", (nn.Module,), {"forward": lambda self, x: F.max_pool2d(x, 2, padding=1)})())

@@ -7,6 +7,9 @@ every node to an integer layer (modules through ``convert.convert_leaf``, ``torc
 conv or linear whose only reader it is, and drops Dropout/Identity. The result runs its nodes in
 the traced (forward) order, so ``weight_layers()`` is the forward order the float split uses.
 
+Functional calls (``F.relu``, ``F.max_pool2d``, ``torch.flatten``, ``x.view(x.size(0), -1)``...)
+are converted as the module that computes them, with that module's checks.
+
 ``IntGraph`` has ``IntSequential``'s interface (forward with ``store``, backward, weight_layers,
 clear), so ``IntElasticZO`` and ``loss_closure`` take either. Backward runs the nodes in reverse
 from the output down to the first BP weight layer; a node read by several nodes adds their
@@ -30,7 +33,6 @@ from elasticzo.int8.format import QTensor
 from elasticzo.int8.inputs import quantize_input
 from elasticzo.int8.layers import IntFlatten, IntLayer, IntReLU, _WeightLayer
 
-_RELU = {torch.relu, F.relu}
 _ADD = {operator.add, torch.add}
 LeafFn = Callable[..., IntLayer]  # (path, module, batchnorm=None) -> integer layer
 
@@ -154,7 +156,7 @@ class _Builder:
         return f"operation {node.name} ({node.op} {what})"
 
     def _arg(self, arg, node: fx.Node) -> int:
-        if not isinstance(arg, fx.Node):
+        if not isinstance(arg, fx.Node) or arg not in self.index:
             raise ValueError(f"convert: {self._where(node)} returns or reads a non-tensor {arg!r}; "
                              "the integer engine follows tensors only")
         return self.index[arg]
@@ -172,6 +174,8 @@ class _Builder:
                 self.index[node] = self._arg(node.args[0], node)  # folded, or nothing to compute
                 return
             self._add(node, self.leaf(node.target, m, self.folded.get(node)), node.args[:1])
+        elif node.op == "call_method" and node.target == "size":
+            return  # an int, read by a view/reshape that flattens (else refused where it is read)
         elif node.op in ("call_function", "call_method"):
             self._add(node, *self._operation(node))
         else:  # get_attr: a parameter or buffer read outside any module
@@ -182,19 +186,37 @@ class _Builder:
     def _operation(self, node: fx.Node) -> tuple[IntLayer, tuple]:
         """The integer layer of a function or method call, and the tensors it reads."""
         target, args, kwargs = node.target, node.args, node.kwargs
-        if target in _RELU or target == "relu":
-            if kwargs.get("inplace") or len(args) > 1 and args[1]:
-                return IntReLU(inplace=True), args[:1]
-            return IntReLU(), args[:1]
-        if target in _ADD or target == "add":
-            if len(args) == 2 and not kwargs and all(isinstance(a, fx.Node) for a in args):
-                return IntAdd(), args
-        if target in (torch.flatten, "flatten"):
-            start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
-            if start == 1 and (len(args) < 3 or args[2] == -1) and kwargs.get("end_dim", -1) == -1:
-                return IntFlatten(), args[:1]
+        if target in _ADD and len(args) == 2 and not kwargs and all(isinstance(a, fx.Node) for a in args):
+            return IntAdd(), args
+        if target in ("view", "reshape") and _flattens(args):
+            return IntFlatten(), args[:1]
+        module = _FUNCTIONAL.get(target)
+        if module is not None and not any(isinstance(a, fx.Node) for a in (*args[1:], *kwargs.values())):
+            return self.leaf(node.name, module(args[1:], kwargs)), args[:1]  # the module's checks and layer
         raise ValueError(
-            f"convert: {self._where(node)} has no integer form; the integer engine converts relu, a residual add "
-            "of two tensors and flatten(x, 1) between modules. Replace it with a module the engine has (see "
-            "convert), or keep that part of the model in float"
+            f"convert: {self._where(node)} has no integer form; the integer engine converts relu, max_pool2d, "
+            "adaptive_avg_pool2d(x, 1), flatten, x.view(x.size(0), -1) and a residual add of two tensors between "
+            "modules. Replace it with a module the engine has (see convert), or keep that part of the model in float"
         )
+
+
+def _flatten(args, kwargs) -> nn.Module:
+    dims = {"start_dim": 0, **dict(zip(("start_dim", "end_dim"), args)), **kwargs}  # torch.flatten starts at 0
+    return nn.Flatten(**dims)
+
+
+# function (or method name) -> the module that computes it, from the call's other arguments
+_FUNCTIONAL: dict = {
+    torch.relu: lambda a, kw: nn.ReLU(), F.relu: lambda a, kw: nn.ReLU(*a, **kw), "relu": lambda a, kw: nn.ReLU(),
+    F.max_pool2d: lambda a, kw: nn.MaxPool2d(*a, **kw),
+    F.adaptive_avg_pool2d: lambda a, kw: nn.AdaptiveAvgPool2d(*a, **kw),
+    torch.flatten: _flatten, "flatten": _flatten,
+}
+
+
+def _flattens(args) -> bool:
+    """x.view(x.size(0), -1) / x.reshape(x.size(0), -1): the batch dim kept, the rest flattened."""
+    if len(args) != 3 or args[2] != -1 or not isinstance(args[1], fx.Node):
+        return False
+    size = args[1]
+    return size.op == "call_method" and size.target == "size" and size.args == (args[0], 0)
