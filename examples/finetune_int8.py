@@ -3,7 +3,8 @@ and Dropout, save it, convert it to INT8 and go on training it with integer-only
 
     python examples/finetune_int8.py --float-epochs 3 --int8-epochs 10 --bp-layers 1
 
-The float model is ``BNDropoutMLP`` (``elasticzo.models.small``) on scikit-learn's 8x8 digits.
+The float model is ``BNDropoutMLP`` (``elasticzo.models.small``; ``--model resnet`` for the
+small ResNet, a residual graph with BatchNorm) on scikit-learn's 8x8 digits.
 Conversion (``int8.convert``) folds each BatchNorm into the linear layer before it (running
 statistics), keeps the biases as integer biases and drops the Dropout layers (INT8 training has
 no dropout). The fine-tuning step is the device path: ZO for the early layers, NITI backprop for
@@ -21,7 +22,7 @@ from elasticzo.data import BatchLoader
 from elasticzo.data.digits import load_digits_split
 from elasticzo.int8 import IntElasticZO, QTensor, convert, loss_closure
 from elasticzo.int8.inputs import quantize_once
-from elasticzo.models.small import BNDropoutMLP
+from elasticzo.models.small import SMALL_MODELS
 
 
 def train_float(model: torch.nn.Module, x, y, epochs: int, seed: int) -> None:
@@ -66,10 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--int8-epochs", type=int, default=10)
     parser.add_argument("--bp-layers", type=int, default=1, help="last layers trained by NITI backprop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", choices=("bn-dropout-mlp", "resnet", "cnn"), default="bn-dropout-mlp")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     x, y, x_test, y_test = load_digits_split(args.seed)
-    model = BNDropoutMLP()
+    model = SMALL_MODELS[args.model]()
     if args.float_epochs == 0 and Path(args.checkpoint).exists():
         model.load_state_dict(torch.load(args.checkpoint))
     else:

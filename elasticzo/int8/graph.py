@@ -11,7 +11,7 @@ Functional calls (``F.relu``, ``F.max_pool2d``, ``torch.flatten``, ``x.view(x.si
 are converted as the module that computes them, with that module's checks.
 
 ``IntGraph`` has ``IntSequential``'s interface (forward with ``store``, backward, weight_layers,
-clear), so ``IntElasticZO`` and ``loss_closure`` take either. Backward runs the nodes in reverse
+clear; no per-call ``weights`` overrides: the optimiser's ``perturbation`` hooks do that job), so ``IntElasticZO`` and ``loss_closure`` take either. Backward runs the nodes in reverse
 from the output down to the first BP weight layer; a node read by several nodes adds their
 errors (``blocks.add_aligned``). Every node before the first BP weight layer is forward-only
 and stores nothing (the ZO part).
@@ -31,7 +31,8 @@ from elasticzo.int8.convert import CONVERTIBLE, PASSTHROUGH, describe, unsupport
 from elasticzo.int8.fold import check_batchnorm
 from elasticzo.int8.format import QTensor
 from elasticzo.int8.inputs import quantize_input
-from elasticzo.int8.layers import IntFlatten, IntLayer, IntReLU, _WeightLayer
+from elasticzo.int8.layers import IntFlatten, IntLayer, _WeightLayer
+from elasticzo.int8.sequential import first_backprop, storing
 
 _ADD = {operator.add, torch.add}
 LeafFn = Callable[..., IntLayer]  # (path, module, batchnorm=None) -> integer layer
@@ -56,14 +57,10 @@ class IntGraph(nn.Module):
     def weight_layers(self) -> list[_WeightLayer]:
         return [layer for layer in self.layers if layer.has_weight]
 
-    def _first_backprop(self, layers: list[IntLayer]) -> int:
-        return next((i for i, layer in enumerate(layers) if layer.has_weight and layer.backprop), len(layers))
-
     def forward(self, x: QTensor | torch.Tensor, store: bool | None = None) -> QTensor:
         values: dict[int, QTensor] = {0: x if isinstance(x, QTensor) else quantize_input(x)}
         layers = self.layers
-        first = 0 if store is not None else self._first_backprop(layers)
-        store = self.training and torch.is_grad_enabled() if store is None else store
+        first, store = storing(self, layers, store)
         for i, (layer, ins) in enumerate(zip(layers, self.inputs)):
             values[i + 1] = layer(*[values[j] for j in ins], store=store and i >= first)
             for j in set(ins):
@@ -73,7 +70,7 @@ class IntGraph(nn.Module):
 
     def backward(self, grad: QTensor, input_grad: bool = False) -> QTensor | None:
         layers = self.layers
-        first = self._first_backprop(layers)
+        first = first_backprop(layers)
         errors: dict[int, QTensor] = {self.output: grad}
         for i in range(len(layers) - 1, first - 1, -1):
             error = errors.pop(i + 1, None)

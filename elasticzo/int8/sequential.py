@@ -16,6 +16,19 @@ from elasticzo.int8.inputs import quantize_input
 from elasticzo.int8.layers import IntLayer, _WeightLayer
 
 
+def first_backprop(layers: list[IntLayer]) -> int:
+    """Index of the first weight layer trained by backprop (len(layers) when there is none)."""
+    return next((i for i, layer in enumerate(layers) if layer.has_weight and layer.backprop), len(layers))
+
+
+def storing(net: nn.Module, layers: list[IntLayer], store: bool | None) -> tuple[int, bool]:
+    """(first layer that stores, whether to store): by default the BP part stores when training
+    with grad mode on; an explicit ``store`` applies to every layer."""
+    if store is not None:
+        return 0, store
+    return first_backprop(layers), net.training and torch.is_grad_enabled()
+
+
 class IntSequential(nn.Module):
     """Layers run in order; backward runs them in reverse.
 
@@ -38,16 +51,11 @@ class IntSequential(nn.Module):
     def layers(self) -> list[IntLayer]:
         return list(self.children())
 
-    def _first_backprop(self, layers: list[IntLayer]) -> int:
-        """Index of the first weight layer trained by backprop (len(layers) when there is none)."""
-        return next((i for i, layer in enumerate(layers) if layer.has_weight and layer.backprop), len(layers))
-
     def forward(self, x: QTensor | torch.Tensor, store: bool | None = None,
                 weights: Sequence[torch.Tensor | None] | None = None) -> QTensor:
         x = x if isinstance(x, QTensor) else quantize_input(x)
         layers = self.layers
-        first = 0 if store is not None else self._first_backprop(layers)
-        store = self.training and torch.is_grad_enabled() if store is None else store
+        first, store = storing(self, layers, store)
         overrides = iter(weights) if weights is not None else None
         for i, layer in enumerate(layers):
             keep = store and i >= first
@@ -59,7 +67,7 @@ class IntSequential(nn.Module):
 
     def backward(self, grad: QTensor, input_grad: bool = False) -> QTensor | None:
         layers = self.layers
-        first = self._first_backprop(layers)
+        first = first_backprop(layers)
         if first == len(layers):
             return None  # no layer in BP
         for i in range(len(layers) - 1, first - 1, -1):
