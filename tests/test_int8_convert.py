@@ -1,5 +1,6 @@
 """convert for ordinary models: bias, BatchNorm folding, residual adds, average pooling, fx graphs, errors."""
 import importlib.util
+import io
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,33 @@ def test_functional_calls_convert_as_their_modules_bit_for_bit(digits):
     assert torch.equal(a(xq).values, b(xq).values)
     with pytest.raises(ValueError, match="padding"):  # the module's own checks apply to the function
         convert(type("P", (nn.Module,), {"forward": lambda self, x: F.max_pool2d(x, 2, padding=1)})())
+
+
+@pytest.mark.parametrize("name,k", [("cnn", 1), ("resnet", 2)])
+def test_a_saved_and_loaded_run_with_biases_continues_bit_for_bit(name, k, digits):
+    x, y, _, _ = digits
+    xq, = quantize_once(x[:128])
+    batches = [(xq[lo:lo + 32], y[lo:lo + 32]) for lo in range(0, 128, 32)]
+    nets = [convert(_trained_float(name, digits, steps=5)) for _ in range(2)]
+    opts = [IntElasticZO.for_model(net, k, seed=1, zo_shift=0) for net in nets]
+    for xb, yb in batches[:2]:
+        opts[0].step(loss_closure(nets[0], xb, yb))
+    saved = io.BytesIO()
+    torch.save({"model": nets[0].state_dict(), "optim": opts[0].state_dict()}, saved)
+    saved.seek(0)
+    loaded = torch.load(saved)
+    nets[1].load_state_dict(loaded["model"])
+    opts[1].load_state_dict(loaded["optim"])  # carries of the weights and biases, running |d|, steps
+    for xb, yb in batches[2:]:
+        for net, opt in zip(nets, opts):
+            opt.step(loss_closure(net, xb, yb))
+    for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_tiled_accumulators_add_the_bias_exactly_as_untiled(digits):
+    x, _, _, _ = digits
+    model = _trained_float("cnn", digits, steps=5)
+    whole, tiled = convert(model).eval(), convert(model, tile=3).eval()
+    xq = quantize(x[:16])
+    assert torch.equal(whole(xq).values, tiled(xq).values)

@@ -9,9 +9,10 @@ Float runs take float checkpoints of the same architecture. INT8 runs take eithe
 * an INT8 checkpoint (integer weights and their exponents, e.g. pretrained with NITI:
   ``--precision int8 --method bp``): loaded as they are; or
 * a float checkpoint: loaded into the float model and converted once (``int8.convert``), the
-  usual path for a net pretrained on a server and adapted on the device. NITI layers have no
-  bias, so the biases are dropped (with a warning): the converted net starts close to, not
-  exactly at, the float one.
+  usual path for a net pretrained on a server and adapted on the device. The built-in INT8
+  models keep NITI's bias-free layout (their checkpoints have no bias entries), so the biases
+  are dropped (with a warning): the converted net starts close to, not exactly at, the float
+  one. In Python, ``int8.convert`` keeps them as integer biases (``examples/finetune_int8.py``).
 
 Both go through the model's ``load_state_dict``, after the weights are checked in full
 (``train.schema``: present, none extra, dtype, shape, range, finite). Anything that does not fit
