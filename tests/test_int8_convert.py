@@ -219,11 +219,21 @@ class _Positional(nn.Module):
         return self.fc(x.flatten(1) + self.pos)
 
 
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x.flatten(1))))
+
+
 @pytest.mark.parametrize("model,words", [
     (SMALL_MODELS["transformer"](), ["encoder", "TransformerEncoderLayer", "keep that part", "float"]),
     (_Branchy(), ["_Branchy", "torch.fx cannot trace", "control flow"]),
     (_Positional(), ["pos", "outside a module", "float"]),
     (nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10)), ["module 1", "BatchNorm1d", "directly follow"]),
+    (_Shared(), ["module fc", "more than once", "one module per call"]),
     (nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.LayerNorm(10)), ["module 2", "LayerNorm", "no integer form"]),
     (nn.Sequential(nn.Conv2d(1, 2, 3), nn.AdaptiveAvgPool2d(2)), ["module 1", "AdaptiveAvgPool2d", "output_size=1"]),
 ])

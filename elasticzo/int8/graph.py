@@ -134,9 +134,16 @@ class _Builder:
     def _find_batchnorms(self) -> None:
         """Refuse any module without an integer form first (the clearest message), then pair each
         BatchNorm with the conv/linear node it reads, refusing what cannot fold."""
+        calls: dict[str, int] = {}
         for node in self.traced.graph.nodes:
             if node.op == "call_module" and not isinstance(self._module(node), CONVERTIBLE):
                 raise unsupported(self._where(node))
+            if node.op == "call_module" and next(self._module(node).parameters(), None) is not None:
+                calls[node.target] = calls.get(node.target, 0) + 1
+                if calls[node.target] == 2:
+                    raise ValueError(f"convert: {self._where(node)} is called more than once in forward (shared "
+                                     "weights); the integer engine would train one copy per call: use one module "
+                                     "per call")
         for node in self.traced.graph.nodes:
             if node.op == "call_module" and isinstance(self._module(node), _BatchNorm):
                 src = node.args[0]
