@@ -2,8 +2,8 @@
 
 A residual block is not an ``nn.Sequential``: its forward reads one tensor twice and adds two.
 ``convert_graph`` traces the float model's forward once (``torch.fx.symbolic_trace``), maps
-every node to an integer layer (modules through ``convert.convert_leaf``, ``torch.relu`` /
-``+`` / ``flatten`` to ``IntReLU`` / ``IntAdd`` / ``IntFlatten``), folds each BatchNorm into the
+every node to an integer layer (modules through ``convert.convert_leaf``, ``+`` of two tensors
+to ``IntAdd``), folds each BatchNorm into the
 conv or linear whose only reader it is, and drops Dropout/Identity. The result runs its nodes in
 the traced (forward) order, so ``weight_layers()`` is the forward order the float split uses.
 
@@ -11,7 +11,8 @@ Functional calls (``F.relu``, ``F.max_pool2d``, ``torch.flatten``, ``x.view(x.si
 are converted as the module that computes them, with that module's checks.
 
 ``IntGraph`` has ``IntSequential``'s interface (forward with ``store``, backward, weight_layers,
-clear; no per-call ``weights`` overrides: the optimiser's ``perturbation`` hooks do that job), so ``IntElasticZO`` and ``loss_closure`` take either. Backward runs the nodes in reverse
+clear; no per-call ``weights`` overrides: the optimiser's ``perturbation`` hooks do that job),
+so ``IntElasticZO`` and ``loss_closure`` take either. Backward runs the nodes in reverse
 from the output down to the first BP weight layer; a node read by several nodes adds their
 errors (``blocks.add_aligned``). Every node before the first BP weight layer is forward-only
 and stores nothing (the ZO part).
