@@ -66,17 +66,17 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("ELASTICZO_CACHE", Path.home() / ".cache" / "elasticzo"))
 
 
-def build(cc: str, flags: list[str]) -> Path:
-    """Compile the library (or reuse the cached build with the same key); returns its path."""
+def build(cc: str, flags: list[str], source: Path = SOURCE) -> Path:
+    """Compile ``source`` into a library (or reuse the cached build with the same key); returns its path."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"ezo_int8-{key}.so"
+    key = hashlib.sha256("\0".join([source.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(source), "-o", str(out)], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-500:]}")
         os.replace(out, target)  # atomic: a concurrent builder never sees half a file

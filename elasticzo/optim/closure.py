@@ -2,9 +2,10 @@
 
 A step evaluates the closure 2q times (the + and - pass of each query). Each pass:
 
-- sees the same randomness in its + and - pass (dropout masks): the global RNG is forked and
-  seeded from (run seed, step, query) for both, so the two losses differ only by the
-  perturbation and a run replays exactly; the caller's RNG state is given back afterwards;
+- sees the same randomness in its + and - pass (dropout masks): the global RNG (CPU and the
+  model's CUDA devices) is seeded from (run seed, step, query) before each, so the two losses
+  differ only by the perturbation and a run replays exactly; the caller's RNG state is saved
+  once per step and given back after the last pass (``pass_rng``);
 - updates BatchNorm running statistics only in the first pass of the step (the + pass of query
   0): the other passes run with the statistics saved and restored, so a step counts as one
   batch, as in plain training;
@@ -38,11 +39,26 @@ def takes_backward(closure: Callable) -> bool:
 
 
 @contextmanager
-def forked_rng(seed: int, devices: list[int]) -> Iterator[None]:
-    """Run a block with the global RNG (CPU and ``devices``) seeded by ``seed``, then restore it."""
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+def pass_rng(devices: list[int]) -> Iterator[Callable[[int], None]]:
+    """Yield ``seed(s)``, which seeds the global generators of the CPU and the CUDA ``devices``;
+    their states from before the block are restored after it.
+
+    The generators' own ``get_state``/``manual_seed``: ``torch.random.fork_rng`` and
+    ``torch.manual_seed`` cost about 1 ms a pass (a dynamo guard and every CUDA device)."""
+    if devices:
+        torch.cuda.init()  # fills torch.cuda.default_generators
+    generators = [torch.default_generator, *(torch.cuda.default_generators[d] for d in devices)]
+    states = [g.get_state() for g in generators]
+
+    def seed(value: int) -> None:
+        for g in generators:
+            g.manual_seed(value)
+
+    try:
+        yield seed
+    finally:
+        for g, state in zip(generators, states):
+            g.set_state(state)
 
 
 @contextmanager
@@ -77,9 +93,15 @@ def as_loss(value, needs_grad: bool) -> torch.Tensor:
     return value.reshape(())
 
 
-def _call(closure: Callable, backward: bool):
+def pass_caller(closure: Callable) -> Callable[[bool], object]:
+    """``call(backward)`` for the closure's form (``closure(backward)`` or ``closure()``), decided
+    once per step (``inspect.signature`` costs more than a small layer's forward)."""
     if takes_backward(closure):
-        return closure(backward)
+        return closure
+    return lambda backward: _call_plain(closure, backward)
+
+
+def _call_plain(closure: Callable, backward: bool):
     try:
         return closure()
     except RuntimeError as error:
@@ -90,13 +112,14 @@ def _call(closure: Callable, backward: bool):
                            "closure(backward) and call loss.backward() only when backward is True") from error
 
 
-def collect_pass(closure: Callable, backward: bool, bp_params: list[torch.Tensor],
+def collect_pass(call: Callable[[bool], object], backward: bool, bp_params: list[torch.Tensor],
                  grads: list[torch.Tensor | None]) -> torch.Tensor:
-    """Run one pass; add this pass's BP gradients into ``grads`` (if ``backward``); return the loss."""
+    """Run one pass (``call``: from ``pass_caller``); add this pass's BP gradients into ``grads``
+    (if ``backward``); return the loss."""
     for p in bp_params:
         p.grad = None
     with torch.enable_grad():
-        value = _call(closure, backward)
+        value = call(backward)
         loss = as_loss(value, needs_grad=backward)
         if backward and all(p.grad is None for p in bp_params):
             if not loss.requires_grad:

@@ -32,12 +32,12 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from elasticzo.config import BP_GRADS, TrainConfig
+from elasticzo.config import BP_GRADS, NOISE_KINDS, TrainConfig
 from elasticzo.instrument import phase
-from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, forked_rng, frozen_statistics,
+from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, frozen_statistics, pass_caller, pass_rng,
                                      statistic_modules)
 from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
-from elasticzo.zo.noise import NOISE_KINDS, derive_seed, layer_noise
+from elasticzo.zo.noise import derive_seed, layer_axpy
 from elasticzo.zo.perturb import layer_entries, perturbed
 
 RMS_DECAY = 0.99
@@ -59,11 +59,6 @@ def zo_decay_factor(lr: float, weight_decay: float) -> float:
     """Decoupled weight decay of the ZO part: theta <- theta * (1 - lr * wd) before the step, so
     the decay shrinks with the learning rate (and with its schedule)."""
     return 1 - lr * weight_decay
-
-
-def apply_direction(param: torch.Tensor, z: torch.Tensor, coef: torch.Tensor) -> None:
-    """param += coef * z in one pass (the one definition of the ZO update of a parameter)."""
-    param.addcmul_(z, coef)
 
 
 class ElasticZO(torch.optim.Optimizer):
@@ -238,12 +233,13 @@ class ElasticZO(torch.optim.Optimizer):
         zo, bps = self._group("zo"), self._groups("bp")
         bp_params = [p for g in bps for p in g["params"]]
         grads: list[torch.Tensor | None] = [None] * len(bp_params)
+        call = pass_caller(closure)
         with run_order(self.model) if not self._order_checked else nullcontext([]) as ran:
             if zo is None:
                 with phase("forward_backward"):
-                    losses = [collect_pass(closure, True, bp_params, grads)]
+                    losses = [collect_pass(call, True, bp_params, grads)]
             else:
-                losses = self._zo_passes(zo, closure, bp_params, grads)
+                losses = self._zo_passes(zo, call, bp_params, grads)
         if not self._order_checked:  # first step of a split in registration order: check the forward agrees
             check_order(self.split, ran)
             self._order_checked = True
@@ -257,19 +253,21 @@ class ElasticZO(torch.optim.Optimizer):
             self._bp_update(bps, bp_params, grads, passes=1 if zo is None else len(losses) // (2 if zo["bp_grad"] == "plus" else 1))
         return torch.stack(losses).mean()
 
-    def _zo_passes(self, zo: dict, closure: Callable, bp_params: list, grads: list) -> list[torch.Tensor]:
+    def _zo_passes(self, zo: dict, call: Callable, bp_params: list, grads: list) -> list[torch.Tensor]:
         """The 2q perturbed losses [L+_0, L-_0, L+_1, ...]; BP gradients summed into ``grads``."""
         eps, kind, t = zo["eps"], zo["noise"], zo["step"]
         backward, plus_only = bool(bp_params), zo["bp_grad"] == "plus"
+        source = self._source if self._has_masters else None
         losses = []
-        for j in range(zo["queries"]):
-            seeds = lambda i, j=j: derive_seed(zo["seed"], t, j, i)
-            for sign in (1, -1):
-                with forked_rng(derive_seed(zo["seed"], t, j, DROPOUT_STREAM), self._rng_devices), \
-                        frozen_statistics(self._stats, frozen=bool(losses)), \
-                        perturbed(self.zo_layers, seeds, sign * eps, kind, self._source if self._has_masters else None), \
-                        phase("forward_backward" if backward else "forward"):
-                    losses.append(collect_pass(closure, backward and (sign > 0 or not plus_only), bp_params, grads))
+        with pass_rng(self._rng_devices) as seed_rng:
+            for j in range(zo["queries"]):
+                keys = [derive_seed(zo["seed"], t, j, i) for i in range(len(self.zo_layers))]
+                for sign in (1, -1):
+                    seed_rng(derive_seed(zo["seed"], t, j, DROPOUT_STREAM))
+                    with frozen_statistics(self._stats, frozen=bool(losses)), \
+                            perturbed(self.zo_layers, keys.__getitem__, sign * eps, kind, source), \
+                            phase("forward_backward" if backward else "forward"):
+                        losses.append(collect_pass(call, backward and (sign > 0 or not plus_only), bp_params, grads))
         return losses
 
     def _check_finite(self, losses: list[torch.Tensor]) -> None:
@@ -324,11 +322,10 @@ class ElasticZO(torch.optim.Optimizer):
             coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
             for i, layer in enumerate(self.zo_layers):
                 _, entries = layer_entries(layer)
-                params = [self._source(owner._parameters[name]) for owner, name in entries]
-                with phase("noise"):
-                    noise = layer_noise(params, derive_seed(zo["seed"], zo["step"], j, i), zo["noise"])
-                for p, (owner, name), z in zip(params, entries, noise):
-                    apply_direction(p, z, coefs[id(self._zo_group_of[id(owner._parameters[name])])])
+                params = [owner._parameters[name] for owner, name in entries]
+                sources = [self._source(p) for p in params]
+                scales = [coefs[id(self._zo_group_of[id(p)])] for p in params]
+                layer_axpy(sources, derive_seed(zo["seed"], zo["step"], j, i), zo["noise"], scales, outs=sources)
         for p in self._low_precision_zo() if self._has_masters else []:
             p.copy_(self._source(p))
 

@@ -102,8 +102,8 @@ class ReferenceElasticZO:
         coefs, directions = [], []
         for j in range(self.q if zo_params else 0):
             z = self._directions(j)
-            plus = {n: torch.add(zo_params[n], z[n], alpha=self.eps) for n in z}
-            minus = {n: torch.add(zo_params[n], z[n], alpha=-self.eps) for n in z}
+            plus = {n: zo_params[n] + self.eps * z[n] for n in z}
+            minus = {n: zo_params[n] + -self.eps * z[n] for n in z}
             loss_p, grads_p = self._loss_and_bp_grads(x, loss_fn, plus)
             loss_m, grads_m = self._loss_and_bp_grads(x, loss_fn, minus)
             coefs.append(self._projected_grad(loss_p, loss_m) * (-self.lr_zo / self.q))
@@ -117,7 +117,7 @@ class ReferenceElasticZO:
                     p.mul_(1 - self.lr_zo * self.zo_wd)  # decoupled: the decay scales with the learning rate
             for coef, z in zip(coefs, directions):
                 for name, p in zo_params.items():
-                    p.addcmul_(z[name], coef)  # p + coef * z
+                    p.add_(coef * z[name])  # p + (coef * z): two roundings
             passes = 1 if not zo_params else self.q * (2 if self.bp_grad == "mean" else 1)
             for p, s in zip(bp_params, grad_sum):
                 self._sgd(p, s / passes)

@@ -1,13 +1,16 @@
 """Perturbation directions for SPSA, regenerated from seeds instead of stored.
 
 Every direction z is a pure function of (run seed, step, query, layer): a run can be replayed
-from its seed log, and the optimiser never touches the global RNG.
+from its seed log, and the optimiser never touches the global RNG. The float directions are
+counter-based (``zo.counter``: entry i of layer l is a hash of (derive_seed(...), i)); the INT8
+Rademacher bits are drawn from a reseeded ``torch.Generator`` (``random_bits``).
 """
 from __future__ import annotations
 
 import torch
 
-from elasticzo.config import NOISE_KINDS
+from elasticzo.zo.counter import axpy, directions
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -41,15 +44,6 @@ def layer_generator(seed: int, device: torch.device) -> torch.Generator:
         gen = _generators[device] = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
-
-
-def sample_noise(like: torch.Tensor, generator: torch.Generator, kind: str = "gaussian") -> torch.Tensor:
-    """A direction shaped like ``like``: N(0, 1) or Rademacher (+-1) entries, E[z z^T] = I."""
-    if kind == "gaussian":
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
-    if kind == "rademacher":
-        return _rademacher(like, generator)
-    raise ValueError(f"unknown noise kind {kind!r}; choose one of {NOISE_KINDS}")
 
 
 BITS_CHUNK = 1 << 14  # bits drawn per round (one randint call of 512 words)
@@ -86,24 +80,24 @@ def random_bits(n: int, generator: torch.Generator, device: torch.device) -> tor
     return out
 
 
-def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """+-1 entries shaped like ``like``."""
-    bits = random_bits(like.numel(), generator, like.device)
-    return bits.to(like.dtype).mul_(2).sub_(1).reshape(like.shape)
+def layer_noise(params: list[torch.Tensor], key: int, kind: str) -> list[torch.Tensor]:
+    """The direction ``key`` of one layer, materialised (float32, shaped like each parameter): the
+    entries of the layer's flat parameter vector, parameter after parameter. For the reference
+    twin and tests; the optimiser uses ``layer_axpy``, which never stores z."""
+    out, offset = [], 0
+    for p in params:
+        out.append(directions(key, offset, p.numel(), kind, p.device).view(p.shape))
+        offset += p.numel()
+    return out
 
 
-def layer_noise(params: list[torch.Tensor], seed: int, kind: str) -> list[torch.Tensor]:
-    """Directions for all parameters of one layer: one draw for the whole layer, split into views
-    shaped like each parameter (fewer, larger random calls than one per parameter)."""
-    if not params:
-        return []
-    first = params[0]
-    gen = layer_generator(seed, first.device)
-    n = sum(p.numel() for p in params)
-    if kind == "gaussian":
-        flat = torch.randn(n, generator=gen, dtype=first.dtype, device=first.device)
-    else:
-        flat = sample_noise(torch.empty(n, dtype=first.dtype, device=first.device), gen, kind)
-    if len(params) == 1:
-        return [flat.view(first.shape)]
-    return [z.view(p.shape) for z, p in zip(flat.split([p.numel() for p in params]), params)]
+def layer_axpy(xs: list[torch.Tensor], key: int, kind: str, scales, outs: list | None = None) -> list[torch.Tensor]:
+    """[x + a * z_x] for the parameters ``xs`` of one layer (z_x: x's slice of the layer's direction
+    ``key``); ``scales`` is one number / 0-dim tensor or one per parameter; ``outs`` (e.g. ``xs``
+    for an in-place update) or new tensors receive the results."""
+    results, offset = [], 0
+    for n, x in enumerate(xs):
+        a = scales[n] if isinstance(scales, (list, tuple)) else scales
+        results.append(axpy(x, key, offset, kind, a, None if outs is None else outs[n]))
+        offset += x.numel()
+    return results

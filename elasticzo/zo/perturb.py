@@ -26,13 +26,14 @@ import torch
 from torch import nn
 
 from elasticzo.instrument import memory_tag
-from elasticzo.zo.noise import layer_noise
+from elasticzo.zo.noise import layer_axpy
 
-def perturb(params: list[torch.Tensor], noise: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
-    """theta + scale * z for each parameter, written over z in one pass (the one definition of a
-    perturbed weight: the Reference twin and the tests call this too)."""
+
+def perturb(params: list[torch.Tensor], key: int, kind: str, scale: float) -> list[torch.Tensor]:
+    """theta + (scale * z) for each parameter of a layer, z the layer's direction ``key``: new
+    tensors, two roundings (``zo.counter.axpy``; the reference twin writes it as p + eps * z)."""
     with torch.no_grad():  # a ZO parameter never takes part in autograd
-        return [torch.add(p, z, alpha=scale, out=z) for p, z in zip(params, noise)]
+        return layer_axpy(params, key, kind, scale)
 
 
 @dataclass
@@ -88,8 +89,9 @@ def _swap_in(module: nn.Module, args) -> None:
     params = [owner._parameters[name] for owner, name in entries]
     sources = params if spec.source is None else [spec.source(p) for p in params]
     with memory_tag("zo_noise"):
-        noisy = perturb(sources, layer_noise(sources, spec.layer_seeds(index), spec.kind), spec.scale)
-    noisy = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(noisy, params)]
+        noisy = perturb(sources, spec.layer_seeds(index), spec.kind, spec.scale)
+    if spec.source is not None:
+        noisy = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(noisy, params)]
     for (owner, name), param, value in zip(entries, params, noisy):
         spec.swapped[(owner, name)] = param
         owner._parameters[name] = value  # plain tensor: read by the forward via getattr

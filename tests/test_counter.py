@@ -1,0 +1,152 @@
+"""Counter-based directions (zo.counter, zo/kernels/ezo_noise.c): the kernel equals its portable
+twin bit for bit, slices are slices, the statistics SPSA needs hold, and a whole ElasticZO run is
+the same bits with and without the kernel (the portable path is what CUDA runs)."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from elasticzo.models import MLP
+from elasticzo.optim.closure import pass_rng
+from elasticzo.optim.elastic import ElasticZO
+from elasticzo.zo import native
+from elasticzo.zo.counter import GAUSS_SCALE, MAX_ELEMENTS, axpy, directions
+from elasticzo.zo.noise import layer_axpy, layer_noise
+
+FAST = settings(max_examples=60, deadline=None)
+KINDS = ("gaussian", "rademacher")
+KEYS = st.one_of(st.sampled_from([0, 1, (1 << 63) - 1, (1 << 32) - 1, 1 << 32]), st.integers(0, (1 << 63) - 1))
+needs_kernel = pytest.mark.skipif(native.load() is None, reason="no C compiler: the native kernel is not built")
+
+
+def portable(fn):
+    """fn() with the native kernel switched off (the path of CUDA tensors and ELASTICZO_NATIVE=0)."""
+    saved = native.kernel_for
+    native.kernel_for = lambda x, out: None
+    try:
+        return fn()
+    finally:
+        native.kernel_for = saved
+
+
+@needs_kernel
+@FAST
+@given(KEYS, st.integers(0, 5000), st.integers(0, 700), st.sampled_from(KINDS),
+       st.sampled_from([1e-3, -1e-3, 0.37, -2.5, 0.0, 1e30]))
+def test_kernel_equals_the_portable_twin(key, offset, n, kind, a):
+    x = torch.linspace(-3, 3, n)
+    want = x + directions(key, offset, n, kind) * a  # the definition: two roundings
+    assert torch.equal(axpy(x, key, offset, kind, a), want)
+    assert torch.equal(portable(lambda: axpy(x, key, offset, kind, a)), want)
+
+
+@needs_kernel
+@FAST
+@given(KEYS, st.integers(1, 300), st.sampled_from(KINDS))
+def test_in_place_update_with_a_tensor_coefficient(key, n, kind):
+    coef = torch.tensor(-0.0123)
+    theta = torch.randn(n, generator=torch.Generator().manual_seed(key % 1000))
+    want = theta + coef * directions(key, 0, n, kind)
+    a, b = theta.clone(), theta.clone()
+    axpy(a, key, 0, kind, coef, out=a)
+    portable(lambda: axpy(b, key, 0, kind, coef, out=b))
+    assert torch.equal(a, want) and torch.equal(b, want)
+
+
+def test_the_highest_counters_and_the_range_check():
+    top = directions(5, MAX_ELEMENTS - 3, 3, "gaussian")
+    assert torch.equal(top, directions(5, MAX_ELEMENTS - 10, 10, "gaussian")[-3:])
+    with pytest.raises(ValueError, match="2\\^32"):
+        directions(5, MAX_ELEMENTS - 2, 3, "gaussian")
+    with pytest.raises(ValueError, match="'uniform'"):
+        axpy(torch.zeros(3), 5, 0, "uniform", 1.0)
+
+
+@given(KEYS, st.integers(0, 3000), st.integers(0, 200), st.integers(0, 200), st.sampled_from(KINDS))
+@FAST
+def test_a_slice_is_the_slice_of_the_whole(key, offset, head, n, kind):
+    whole = directions(key, offset, head + n, kind)
+    assert torch.equal(directions(key, offset + head, n, kind), whole[head:])
+
+
+def test_layer_directions_run_across_its_parameters():
+    weight, bias = torch.zeros(4, 3), torch.zeros(4)
+    z = layer_noise([weight, bias], 99, "gaussian")
+    flat = directions(99, 0, 16, "gaussian")
+    assert torch.equal(z[0].reshape(-1), flat[:12]) and torch.equal(z[1], flat[12:])
+    shifted = layer_axpy([weight, bias], 99, "gaussian", [1.0, 2.0])
+    assert torch.equal(shifted[0], z[0]) and torch.equal(shifted[1], 0 + 2.0 * z[1])
+
+
+def test_non_contiguous_and_float64_parameters_take_the_portable_path():
+    base = torch.randn(6, 5, dtype=torch.float64)
+    theta = base.t()  # strides (1, 5): entries still follow the logical order
+    want = theta + 0.5 * directions(7, 0, 30, "gaussian").to(torch.float64).view(5, 6)
+    axpy(theta, 7, 0, "gaussian", 0.5, out=theta)
+    assert torch.equal(theta, want) and torch.equal(base, want.t())
+
+
+def test_gaussian_moments_and_range():
+    z = directions(123, 0, 1 << 20, "gaussian").double()
+    n = z.numel()
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n) * 1.3  # var of the sample variance of a kurtosis-2.7 law
+    assert abs((z ** 4).mean() - 2.7) < 0.03  # Irwin-Hall n=4: 3 - 1.2 / 4
+    assert z.abs().max() == float(torch.tensor(510.0) * GAUSS_SCALE)  # the extremes, rounded in float32, are reached
+    assert abs(GAUSS_SCALE ** 2 * 4 * (256 ** 2 - 1) / 12 - 1) < 1e-6  # unit variance by construction
+
+
+def test_rademacher_is_balanced_and_directions_of_different_keys_are_uncorrelated():
+    r = directions(5, 0, 1 << 18, "rademacher")
+    assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 5 / math.sqrt(r.numel())
+    n = 1 << 18
+    for kind in KINDS:
+        a, b = directions(1, 0, n, kind).double(), directions(2, 0, n, kind).double()
+        neighbour = directions(1, 1, n, kind).double()  # the same key one entry further
+        for other in (b, neighbour):
+            assert abs((a * other).mean()) < 5 / math.sqrt(n)
+
+
+def test_a_run_is_the_same_bits_with_and_without_the_kernel():
+    def run():
+        torch.manual_seed(0)
+        model = MLP(in_features=20, hidden=(16, 8), num_classes=4)
+        opt = ElasticZO.for_model(model, 1, lr_zo=1e-2, queries=2, zo_weight_decay=1e-3, seed=4)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x, y = torch.randn(8, 20, generator=gen), torch.randint(0, 4, (8,), generator=gen)
+            opt.step(lambda: F.cross_entropy(model(x), y))
+        return [p.detach().clone() for p in model.parameters()]
+
+    native_run, portable_run = run(), portable(run)
+    assert all(torch.equal(a, b) for a, b in zip(native_run, portable_run))
+
+
+def test_pass_rng_seeds_each_pass_and_gives_the_callers_state_back():
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    with pass_rng([]) as seed:
+        seed(11)
+        first = torch.rand(4)
+        seed(11)
+        assert torch.equal(torch.rand(4), first)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_without_a_compiler_the_portable_path_runs_after_one_log_line(tmp_path):
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "import torch\nfrom elasticzo.zo import native, counter\n"
+            "print('LOADED', native.load() is not None)\n"
+            "x = torch.zeros(5)\nprint('EXACT', torch.equal(counter.axpy(x, 3, 0, 'gaussian', 1.0), counter.directions(3, 0, 5, 'gaussian')))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "ELASTICZO_CC": "/bin/false", "ELASTICZO_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "LOADED False" in res.stdout and "EXACT True" in res.stdout
+    assert sum("elasticzo.zo" in line and "portable PyTorch path" in line for line in res.stderr.splitlines()) == 1
+
