@@ -98,7 +98,7 @@ def test_gaussian_moments_and_range():
     assert abs(z.mean()) < 5 / math.sqrt(n)
     assert abs(z.var() - 1) < 5 * math.sqrt(2 / n) * 1.3  # var of the sample variance of a kurtosis-2.7 law
     assert abs((z ** 4).mean() - 2.7) < 0.03  # Irwin-Hall n=4: 3 - 1.2 / 4
-    assert z.abs().max() == float(torch.tensor(510.0) * GAUSS_SCALE)  # the extremes, rounded in float32, are reached
+    assert z.abs().max() <= float(torch.tensor(510.0) * GAUSS_SCALE)  # |sum of 4 bytes - 510| <= 510, in float32
     assert abs(GAUSS_SCALE ** 2 * 4 * (256 ** 2 - 1) / 12 - 1) < 1e-6  # unit variance by construction
 
 
