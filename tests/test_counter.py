@@ -3,8 +3,10 @@ twin bit for bit, slices are slices, the statistics SPSA needs hold, and a whole
 the same bits with and without the kernel (the portable path is what CUDA runs)."""
 import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,29 @@ def test_without_a_compiler_the_portable_path_runs_after_one_log_line(tmp_path):
     assert "LOADED False" in res.stdout and "EXACT True" in res.stdout
     assert sum("elasticzo.zo" in line and "portable PyTorch path" in line for line in res.stderr.splitlines()) == 1
 
+
+
+DIGEST = Path(__file__).resolve().parents[1] / "elasticzo" / "zo" / "kernels" / "noise_digest.c"
+
+
+def fnv1a(y: torch.Tensor) -> int:
+    h = 0xCBF29CE484222325
+    for byte in y.numpy().tobytes():  # little-endian float32, as the driver reads it
+        h = ((h ^ byte) * 0x100000001B3) & ((1 << 64) - 1)
+    return h
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("flags", [[], ["-march=native"]], ids=["portable", "native"])
+def test_the_torch_free_driver_prints_the_twins_digests(flags, tmp_path):
+    """The driver that scripts/aarch64_exactness.sh runs under qemu, checked here against the twin."""
+    exe = tmp_path / "digest"
+    subprocess.run(["cc", "-O3", "-ffp-contract=off", "-std=c11", *flags, str(DIGEST), "-o", str(exe)], check=True, timeout=120)
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
+    assert len(lines) == 256
+    x_all = (torch.arange(515) % 97).float() * 0.01 - 0.5
+    for line in lines:
+        kind, key, offset, n, a, digest = line.split()
+        a = float(torch.tensor(float(a), dtype=torch.float32))
+        y = x_all[: int(n)] + directions(int(key), int(offset), int(n), KINDS[int(kind)]) * a
+        assert fnv1a(y) == int(digest, 16), line
