@@ -108,11 +108,13 @@ def test_two_ranks_match_one_process_up_to_float_rounding(two_rank_run, data_roo
     two = load_file(str(two_rank_run / "checkpoint.safetensors"))
     one = load_file(str(tmp_path / "one" / "checkpoint.safetensors"))
     assert two.keys() == one.keys()
-    # g = (L+ - L-) / (2 eps) magnifies the float rounding of the loss (~1e-7) to ~0.2 % of g per
-    # step, so after 48 steps the weights differ by ~5e-5 (measured); a wrong weighting of the
-    # ranks (a sum instead of the mean) would move them by far more.
+    # g = (L+ - L-) / (2 eps) magnifies the float rounding of the loss (~1e-7) to 0.1-1 % of g per
+    # step, and the trajectories drift apart chaotically: after 48 steps the largest weight
+    # difference measured 1.4e-3, 1.6e-4, 3.4e-4 for seeds 0, 1, 2 (torch.randn directions before
+    # issue 8: 5.5e-5, 6.1e-5, 5.9e-4). A wrong weighting of the ranks (a sum instead of the mean)
+    # would move them by far more.
     for name in [k for k in one if k.startswith("model.")]:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-4, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=5e-3, msg=name)
     losses = [[json.loads(line)["loss"] for line in (d / "seeds.jsonl").read_text().splitlines()]
               for d in (two_rank_run, tmp_path / "one")]
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=1e-4, atol=0)

@@ -130,6 +130,29 @@ def measure(root: str | None, batch_sizes: list[int], rounds: int, per_round: in
     return results
 
 
+def profile_steps(root: str | None, device: torch.device, steps: int = 30, top: int = 15) -> str:
+    """cProfile of the FP32 vanilla ZO step (LeNet-5 and the 1M MLP, batch 64): where a step's
+    time goes beyond its two forward passes (noise, hooks, Python), functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    batch = _batch(root, 64, device)
+    candidates = {"LeNet-5": lenet_steps(batch, device, {"zo": METHODS["zo"]})["zo-fp32"],
+                  "1M MLP": mlp_steps(batch, device)["mlp1m-zo"]}
+    out = io.StringIO()
+    for name, fn in candidates.items():
+        fn()  # warm-up: kernels built, hooks installed
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(steps):
+            fn()
+        prof.disable()
+        out.write(f"## FP32 vanilla ZO step, {name}, batch 64, {steps} steps (cProfile, own time)\n")
+        pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
 def markdown(meta: dict, results: dict) -> str:
     sizes = list(results)
     lines = [f"CPU: {meta['cpu']['model']} ({meta['cpu']['machine']}; SIMD: {' '.join(meta['cpu']['simd'])}), "
@@ -157,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="steps of each candidate per round")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--out", default="bench-results")
+    p.add_argument("--profile", action="store_true", help="also write profile.txt: cProfile of the FP32 ZO step")
     p.add_argument("--int8-impl", default="auto", choices=IMPLS,
                    help="integer products: auto (speed probe) or one forced, e.g. native where _int_mm is a slow loop")
     args = p.parse_args(argv)
@@ -184,6 +208,9 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     (out / "speed.md").write_text(text)
+    if args.profile:
+        (out / "profile.txt").write_text(profile_steps(args.data_root, device))
+        print(f"[speed] profile of the FP32 ZO step: {out / 'profile.txt'}")
     return 0
 
 
