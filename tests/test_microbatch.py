@@ -15,6 +15,7 @@ from elasticzo.data.loader import BatchLoader
 from elasticzo.data.stream import StreamedBatch
 from elasticzo.int8 import IntConv2d, IntElasticZO, convert, int8_noise, perturb_weight, requantize_int32, zo_update
 from elasticzo.int8.microbatch import chunk_bounds, micro_batched_loss_closure, run_chunked
+from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import ProbeDone, ShiftPlan, active
 from elasticzo.int8.update import perturbed_weight, zo_update_
 from elasticzo.models import MLP, LeNet5, build_model
@@ -100,6 +101,32 @@ def test_int8_learner_streams_the_batch_and_matches():
     assert_same_state(results[0][1], results[1][1])
 
 
+FIRST_STEP = """
+import torch
+from elasticzo.config import TrainConfig
+from elasticzo.data.stream import StreamedBatch
+from elasticzo.train.learner import Learner
+gen = torch.Generator().manual_seed(6)
+x = torch.randint(0, 256, (8, 1, 28, 28), generator=gen, dtype=torch.uint8)
+y = torch.randint(0, 10, (8,), generator=gen)
+made = [Learner(TrainConfig(precision="int8", bp_layers=1, micro_batch=m), 10, torch.device("cpu")) for m in (2, 0)]
+losses = [made[0].train_step(StreamedBatch(x, torch.arange(8)), y), made[1].train_step(x, y)]
+states = [learner.state_tensors() for learner in made]
+print(losses[0] == losses[1] and all(torch.equal(states[0][n], states[1][n]) for n in states[0]))
+"""
+
+
+def test_int8_first_micro_batched_step_of_a_process_is_bit_identical():
+    """The dispatch's one-time speed probe first runs inside the first chunked pass of a process; its
+    requantisations must not become sites of that pass's shift plan (they did: the first step differed)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FIRST_STEP], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "True"
+
+
 def test_the_sweeps_find_the_whole_batch_shift_with_or_without_a_guess():
     gen = torch.Generator().manual_seed(0)
     acc = torch.randint(-5000, 5000, (9, 4), generator=gen, dtype=torch.int32)
@@ -123,6 +150,22 @@ def test_the_sweeps_find_the_whole_batch_shift_with_or_without_a_guess():
     plan = ShiftPlan()
     with active(plan), pytest.raises(ProbeDone):
         requantize_int32(acc, 0)  # an unknown site is probed, not guessed
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 32), st.integers(0, 30), st.integers(1, 300))
+def test_planned_requantisation_narrows_at_the_plans_shift_and_reports_the_true_one(seed, bits, s, n):
+    """Inside a plan (the native kernels where they run): the accumulator is narrowed at the guessed
+    shift, saturated when the guess is too small, and the sweep learns max(bitlength - 7, 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    acc = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n,), generator=gen, dtype=torch.int32)
+    plan = ShiftPlan([torch.tensor(s)])
+    with active(plan):
+        got = requantize_int32(acc, 3)
+    want = shift_round_nearest(acc.to(torch.int64), torch.tensor(s)).clamp(-127, 127).to(torch.int8)
+    assert torch.equal(got.values, want) and int(got.exponent) == 3 + s
+    truth = max(int(bitlength(acc)) - 7, 0)
+    assert plan.close_sweep() == (s == truth) and int(plan.fixed[0]) == truth
 
 
 def test_chunk_bounds_cover_the_batch_and_reject_bad_sizes():

@@ -8,9 +8,14 @@ is given. Writes ``results.json`` and ``results.md`` to ``out``.
 
     python -m elasticzo.bench.budgets --out docs/bench/budgets --runs docs/bench/plan256
 
-A run for (precision, k) is looked up as ``<runs>/mnist-<precision>-k<k>/metrics.jsonl``. INT8
-runs need no micro-batch: the micro-batched step is bit-identical to the unchunked one
-(tests/test_microbatch.py), so one trajectory serves every chunk size.
+A plan's run is looked up as ``<runs>/mnist-<precision>-k<k>-mb<micro>/metrics.jsonl`` (no
+``-mb`` suffix for the whole batch). An INT8 plan may also take the unchunked run
+``mnist-int8-k<k>``: its micro-batched step is bit-identical to the unchunked one
+(tests/test_microbatch.py), so one trajectory serves every chunk size. FP32 chunks change the
+float summation order, so an FP32 plan needs its own run.
+
+``--ratios M`` instead measures the FP32 / INT8 ratio of the live-tensor peaks at every split at
+micro-batch M (where the parameters and their state dominate) and writes ``ratios.json``/``.md``.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from elasticzo.bench.memory import PERSISTENT
-from elasticzo.bench.plan import _memory_targets, choose_plan, format_size, parse_size, random_batch, train_command
+from elasticzo.bench.plan import choose_plan, format_size, measure_splits, parse_size, random_batch, train_command
 from elasticzo.bench.process_memory import step_peaks
 from elasticzo.config import TrainConfig
 from elasticzo.data.stream import StreamedBatch
@@ -52,30 +57,31 @@ def measure_plan(model: str, batch_size: int, precision: str, row, steps: int) -
         x = StreamedBatch(x, torch.arange(batch_size))
     peaks = step_peaks(lambda: learner.train_step(x, y))
     times = []
-    for _ in range(steps):
-        start = time.perf_counter()
+    for _ in range(steps):  # thread CPU time: the other jobs of a shared machine do not inflate it
+        start = time.thread_time()
         learner.train_step(x, y)
-        times.append(time.perf_counter() - start)
-    resident = sum(t.numel() * t.element_size() for t in _resident(learner, x, y))
-    return {**peaks, "resident_bytes": resident, "step_ms": 1e3 * statistics.median(times), "steps_timed": steps}
+        times.append(time.thread_time() - start)
+    return {**peaks, "step_ms": 1e3 * statistics.median(times), "steps_timed": steps}
 
 
-def _resident(learner, x, y) -> list[torch.Tensor]:
-    targets = _memory_targets(learner)
-    params = targets["params"]
-    tensors = list(params.parameters()) if isinstance(params, torch.nn.Module) else list(params)
-    opt = targets.get("optimizer")
-    if opt is not None:
-        tensors += [t for state in opt.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
-    return tensors + ([x.index] if isinstance(x, StreamedBatch) else [x]) + [y]
+def run_names(precision: str, k: int, micro_batch: int) -> list[str]:
+    """Run directories whose 5-epoch accuracy is that of the plan, preferred first."""
+    names = [f"mnist-{precision}-k{k}" + (f"-mb{micro_batch}" if micro_batch else "")]
+    if precision == "int8" and micro_batch:
+        names.append(f"mnist-int8-k{k}")  # bit-identical trajectory (tests/test_microbatch.py)
+    return names
 
 
-def accuracy(runs: Path | None, precision: str, k: int) -> float | None:
-    path = runs / f"mnist-{precision}-k{k}" / "metrics.jsonl" if runs else None
-    if path is None or not path.exists():
-        return None
-    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return lines[-1]["test_acc"] if lines and lines[-1]["epoch"] == 5 else None
+def accuracy(runs: Path | None, precision: str, k: int, micro_batch: int = 0) -> tuple[float | None, str | None]:
+    """(test accuracy after epoch 5, the run it came from) of the plan's run under ``runs``."""
+    for name in run_names(precision, k, micro_batch) if runs else []:
+        path = runs / name / "metrics.jsonl"
+        if not path.exists():
+            continue
+        lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        if lines and lines[-1]["epoch"] == 5:
+            return lines[-1]["test_acc"], name
+    return None, None
 
 
 def run(out: Path, runs: Path | None, budgets=BUDGETS, model="lenet5", batch_size=64, steps=5, log=print,
@@ -92,11 +98,12 @@ def run(out: Path, runs: Path | None, budgets=BUDGETS, model="lenet5", batch_siz
                 key = (precision, best.k, best.micro_batch, tuple(sorted(best.options.items())))
                 if key not in timed:
                     timed[key] = measure_plan(model, batch_size, precision, best, steps)
-                timed[key]["resident_bytes"] = sum(best.breakdown.get(c, 0) for c in PERSISTENT)  # as the tracker saw it
+                acc, source = accuracy(runs, precision, best.k, best.micro_batch)
                 entry.update(plan={"k": best.k, "micro_batch": best.micro_batch, "options": best.options},
                              tensor_peak_bytes=best.peak_bytes, breakdown=best.breakdown, **timed[key],
+                             resident_bytes=sum(best.breakdown.get(c, 0) for c in PERSISTENT),  # as the tracker saw it
                              command=train_command(model, batch_size, precision, best),
-                             test_acc_5_epochs=accuracy(runs, precision, best.k))
+                             test_acc_5_epochs=acc, accuracy_run=source)
             results.append(entry)
             log(json.dumps(entry))
             _write(out, results)
@@ -119,6 +126,25 @@ def _write(out: Path, results: list[dict]) -> None:
         lines.append(f"| {r['budget']} | {r['precision']} | {p['k']} | {p['micro_batch'] or 'all'} | {options} | "
                      f"{format_size(r['tensor_peak_bytes'])} | {format_size(alloc)} | {rss} | {r['step_ms']:.0f} | {acc} |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def ratios(out: Path, micro_batch: int, model: str = "lenet5", batch_size: int = 64) -> list[dict]:
+    """FP32 / INT8 live-tensor peak of one step at every split, both at ``micro_batch``: written to
+    ``ratios.json`` and ``ratios.md`` in ``out`` (the breakdowns say where the bytes go)."""
+    torch.set_num_threads(1)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {p: measure_splits(model, batch_size, p, micro_batch=micro_batch) for p in ("fp32", "int8")}
+    found = [{"k": f.k, "micro_batch": micro_batch, "fp32_bytes": f.peak_bytes, "int8_bytes": i.peak_bytes,
+              "ratio": f.peak_bytes / i.peak_bytes, "fp32": f.breakdown, "int8": i.breakdown}
+             for f, i in zip(rows["fp32"], rows["int8"])]
+    (out / "ratios.json").write_text(json.dumps({"machine": cpu_description(), "ratios": found}, indent=1) + "\n")
+    lines = [f"| k | FP32 peak | INT8 peak | FP32 / INT8 | INT8 breakdown (micro-batch {micro_batch}) |",
+             "| --- " * 5 + "|"]
+    for r in found:
+        parts = ", ".join(f"{c} {n:,}" for c, n in r["int8"].items() if n)
+        lines.append(f"| {r['k']} | {r['fp32_bytes']:,} B | {r['int8_bytes']:,} B | {r['ratio']:.2f}x | {parts} |")
+    (out / "ratios.md").write_text("\n".join(lines) + "\n")
+    return found
 
 
 def verify_on_mnist(data_root: str, k: int, micro_batch: int, steps: int, **options) -> dict:
@@ -153,8 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precisions", nargs="+", default=["int8", "fp32"], choices=("int8", "fp32"))
     parser.add_argument("--verify", nargs=2, type=int, action="append", metavar=("K", "MICRO"), default=[],
                         help="instead: check on real MNIST that INT8 split K in chunks of MICRO equals the whole batch")
+    parser.add_argument("--ratios", type=int, default=None, metavar="MICRO",
+                        help="instead: FP32 / INT8 peak ratio of every split at micro-batch MICRO")
     parser.add_argument("--data-root", default=None)
     args = parser.parse_args(argv)
+    if args.ratios is not None:
+        print(json.dumps([{k: r[k] for k in ("k", "fp32_bytes", "int8_bytes", "ratio")}
+                          for r in ratios(args.out, args.ratios)]))
+        return
     if args.verify:
         torch.set_num_threads(1)
         args.out.mkdir(parents=True, exist_ok=True)

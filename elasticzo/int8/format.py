@@ -90,9 +90,14 @@ def requantize_int32(acc: torch.Tensor, exponent: Exponent) -> QTensor:
     result is saturated (never wrapped) to [-127, 127]. ``acc`` may be int32 or int64. Inside a
     micro-batched pass the shift is the whole batch's (``int8.shiftplan``).
     """
-    if acc.dtype == torch.int32 and not planning() and native.active(acc):  # one pass for the shift, one to narrow
-        values, s = native_ops.OPS.requantize(acc)
-        return QTensor(values, exponent + s)
-    s = requantize_shift(lambda: bitlength(acc))  # 0-dim int64, on the device
+    if acc.dtype == torch.int32 and native.active(acc):  # one pass for the shift, one to narrow
+        if not planning():
+            values, s = native_ops.OPS.requantize(acc)
+            return QTensor(values, exponent + s)
+        s = requantize_shift(lambda: native_ops.OPS.requant_shift(acc) + ACC_BITS)  # the plan reads max(bits - 7, 0)
+        if 0 <= int(s) < 31:
+            return QTensor(native_ops.OPS.requantize_at(acc, int(s)), exponent + s)
+    else:
+        s = requantize_shift(lambda: bitlength(acc))  # 0-dim int64, on the device
     values = shift_round_nearest(acc, s).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)  # saturate, in place
     return QTensor(values, exponent + s)

@@ -109,6 +109,22 @@ def _requantize(acc: torch.Tensor):
     return out, torch.tensor(s, dtype=torch.int64)
 
 
+def _requant_shift(acc: torch.Tensor) -> torch.Tensor:
+    """0-dim int64 max(bitlength(max|acc|) - 7, 0): the shift ``_requantize`` would take."""
+    acc = _need(acc, torch.int32, acc.dim(), "acc")
+    return torch.tensor(native.lib().ezo_requant_shift(acc.numel(), native.ptr(acc)), dtype=torch.int64)
+
+
+def _requantize_at(acc: torch.Tensor, s: int) -> torch.Tensor:
+    """int8 saturate(round_half_up(acc / 2**s)) with a given shift 0 <= s < 31 (a micro-batch's plan)."""
+    acc = _need(acc, torch.int32, acc.dim(), "acc")
+    if not 0 <= s < 31:
+        raise ValueError(f"requantize_at: shift s={s} must be in 0..30")
+    out = torch.empty(acc.shape, dtype=torch.int8)
+    native.lib().ezo_requant(acc.numel(), native.ptr(acc), s, native.ptr(out))
+    return out
+
+
 def _maxpool2d(x: torch.Tensor, kernel: list[int], stride: list[int], with_argmax: bool):
     """(max [B, C, OH, OW], first-argmax offset int8 or an empty tensor), no padding."""
     x = _need(x, torch.int8, 4, "x")
@@ -157,6 +173,8 @@ _register("conv2d_requant(Tensor x, Tensor w, int[] stride, int[] padding) -> (T
 _register("conv2d_grad_weight(Tensor g, Tensor x, int[] weight_shape, int[] stride, int[] padding) -> Tensor",
           _conv2d_grad_weight)
 _register("requantize(Tensor acc) -> (Tensor, Tensor)", _requantize)
+_register("requant_shift(Tensor acc) -> Tensor", _requant_shift)
+_register("requantize_at(Tensor acc, int s) -> Tensor", _requantize_at)
 _register("maxpool2d(Tensor x, int[] kernel, int[] stride, bool with_argmax) -> (Tensor, Tensor)", _maxpool2d)
 _register("zo_update_carry(Tensor w, Tensor z, int d, int s, Tensor(a!) carry) -> Tensor", _zo_update_carry)
 _register("perturb(Tensor w, Tensor z, int eps) -> Tensor", _perturb)

@@ -36,7 +36,7 @@ class ProbeDone(Exception):
 
     def __init__(self, bits: torch.Tensor):
         super().__init__("requantisation site probed")
-        self.bits = bits  # 0-dim int64: bit length of the chunk's largest |accumulator| there
+        self.bits = bits  # 0-dim int64: bit length of the chunk's largest |accumulator| there (or ACC_BITS if less)
 
 
 class ShiftPlan:
@@ -101,11 +101,23 @@ def active(plan: ShiftPlan) -> Iterator[ShiftPlan]:
         _plan.reset(token)
 
 
+@contextmanager
+def suspended() -> Iterator[None]:
+    """No plan inside the block: work that is not part of the pass (a one-time speed probe) uses NITI's rule."""
+    token = _plan.set(None)
+    try:
+        yield
+    finally:
+        _plan.reset(token)
+
+
 def requantize_shift(top_bits: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The right shift of one requantisation: max(bitlength - 7, 0), or the active plan's.
 
     ``top_bits`` computes the bit length of the largest |entry|; it is only called when needed,
-    so a site with a fixed shift skips the pass over the accumulator that finds its maximum.
+    so a site with a fixed shift skips the pass over the accumulator that finds its maximum. Only
+    max(bits - 7, 0) is ever read, so it may return max(bits, 7) (the native requantisation's
+    shift + 7, ``format.requantize_int32``).
     """
     plan = _plan.get()
     if plan is None:
