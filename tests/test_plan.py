@@ -1,6 +1,8 @@
 """`elasticzo plan`: size parsing, measured memory per split, and the choice of the largest split."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from hypothesis import given
@@ -122,3 +124,26 @@ def test_outside_views_of_a_step_see_its_allocations():
     assert 4 * 2**20 <= peaks["allocator_step_bytes"] < 5 * 2**20
     if peaks["rss_step_bytes"] is not None:
         assert peaks["rss_step_bytes"] >= 3 * 2**20  # pages, after malloc_trim: the temporary was resident
+
+
+def test_budget_accuracy_comes_from_the_plans_own_run(tmp_path):
+    """FP32 chunks change the float sums, so an FP32 plan needs its own run; an INT8 plan may use the
+    unchunked run of its split (bit-identical), but prefers its own."""
+    from elasticzo.bench.budgets import accuracy
+
+    def write(name, acc, epochs=5):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"epoch": e, "test_acc": acc}) for e in range(1, epochs + 1)]
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+    write("mnist-fp32-k1", 80.0)
+    write("mnist-int8-k1", 90.0)
+    write("mnist-int8-k2-mb4", 95.0)
+    write("mnist-int8-k2", 94.0)
+    write("mnist-int8-k3", 97.0, epochs=3)  # unfinished: no accuracy
+    assert accuracy(tmp_path, "fp32", 1, 4) == (None, None)
+    assert accuracy(tmp_path, "fp32", 1, 0) == (80.0, "mnist-fp32-k1")
+    assert accuracy(tmp_path, "int8", 1, 2) == (90.0, "mnist-int8-k1")
+    assert accuracy(tmp_path, "int8", 2, 4) == (95.0, "mnist-int8-k2-mb4")
+    assert accuracy(tmp_path, "int8", 3, 2) == (None, None)
+    assert accuracy(None, "int8", 1, 0) == (None, None)
