@@ -265,3 +265,20 @@ def test_state_dict_round_trip_continues_bit_identically():
         opt.step(make_closure(model, *batch(step)))
         other.step(make_closure(other_model, *batch(step)))
     assert_bitwise_equal(snapshot(model), snapshot(other_model))
+
+
+def _slow_takes_backward(fn):
+    import inspect
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return any(p.kind in kinds for p in inspect.signature(fn).parameters.values())
+
+
+def _positional_only(flag, /):
+    return flag
+
+
+@pytest.mark.parametrize("fn", [lambda: 0, lambda b: b, lambda b=True: b, lambda *a: a, lambda *, b=True: b,
+                                _positional_only, lambda **kw: kw])
+def test_the_closure_form_read_from_its_code_agrees_with_its_signature(fn):
+    from elasticzo.optim.closure import takes_backward
+    assert takes_backward(fn) == _slow_takes_backward(fn)
