@@ -7,7 +7,7 @@ be read from the start. Here each entry is a hash of (key, element index): the n
 storing z, a slice of a layer is made alone, and the directions are the same bits on every
 device and with or without the kernel.
 
-    h(c)        = fmix32(fmix32(c ^ key_lo) ^ key_hi)                 murmur3's finaliser, uint32
+    h(c)        = fmix32((c * 0x9E3779B9 + key_lo) ^ key_hi)          murmur3's finaliser, uint32
     gaussian:   z[i] = (sum of the four bytes of h(i) - 510) * GAUSS_SCALE
     rademacher: z[i] = +1 if bit (i % 32) of h(i // 32) is set, else -1
 
@@ -60,7 +60,8 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
 
 def counter_hash(key: int, counters: torch.Tensor) -> torch.Tensor:
     """h(c) for int64 ``counters`` in [0, 2^32): the 32-bit hash of the kernel, as int64."""
-    return _fmix32(_fmix32(counters ^ (key & _M32)) ^ ((key >> 32) & _M32))
+    weyl = (_mul32(counters, 0x9E3779B9) + (key & _M32)) & _M32
+    return _fmix32(weyl ^ ((key >> 32) & _M32))
 
 
 def directions(key: int, offset: int, n: int, kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
