@@ -64,7 +64,7 @@ class TrainConfig:
     lr_zo: float | None = None  # ZO learning rate (fp32); default 3e-4 for --method zo, 1e-3 otherwise
     eps: float = 1e-3  # perturbation scale
     queries: int = 1  # random directions per step
-    noise: str = "gaussian"  # gaussian | rademacher
+    noise: str = "gaussian"  # gaussian (unit-variance sum of 4 uniform bytes, zo/counter.py) | rademacher (+-1)
     grad_clip: float = 100.0  # bound on |projected gradient|; 0 disables
     normalize: bool = True  # divide g by its running RMS: fixed ZO step size, no late divergence
     zo_weight_decay: float = 0.0  # L2 weight decay of the ZO part (decoupled: theta *= 1 - lr_zo * wd)
