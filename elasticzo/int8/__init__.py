@@ -1,7 +1,7 @@
 """ElasticZO-INT8's integer engine, built in layers (each file one concept):
 
 rounding (shifts that round, saturation) -> format (QTensor: int8 * 2**exponent) -> ops
-(int8 x int8 -> int32 products, one fast path behind ``int8_matmul``) -> layers (explicit
+(int8 x int8 -> int32 products, one fast path behind ``int8_matmul``), conv, pool -> layers (explicit
 forward/backward) and loss (integer cross-entropy value and gradient) -> update (NITI and ZO
 integer updates) -> convert (float model -> IntSequential, an nn.Module; or a fresh int8 init)
 -> elastic (IntElasticZO, the optimiser, shaped like the float ElasticZO). Ordinary models add
@@ -27,7 +27,8 @@ from elasticzo.int8.layers import (
 )
 from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.loss import LOSS_FRAC_BITS, cross_entropy, cross_entropy_grad, cross_entropy_loss, loss_closure
-from elasticzo.int8.ops import int8_conv2d, int8_linear, int8_matmul, set_matmul_impl
+from elasticzo.int8.conv import int8_conv2d
+from elasticzo.int8.ops import int8_linear, int8_matmul, set_matmul_impl
 from elasticzo.int8.rounding import (
     bitlength,
     saturate_int8,

@@ -29,19 +29,16 @@ from elasticzo.int8.bias import add_bias, bias_gradient
 from elasticzo.int8.format import Exponent, QTensor, requantize_int32
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import requantize_shift
-from elasticzo.int8.ops import (
+from elasticzo.int8.conv import (
     _is_stride1,
     _pair,
     int8_conv2d,
     int8_conv2d_grad_input,
     int8_conv2d_grad_weight,
     int8_conv2d_requant,
-    int8_linear,
-    int8_linear_grad_input,
-    int8_linear_grad_weight,
-    int8_maxpool2d,
-    int8_maxpool2d_backward,
 )
+from elasticzo.int8.ops import int8_linear, int8_linear_grad_input, int8_linear_grad_weight
+from elasticzo.int8.pool import int8_maxpool2d, int8_maxpool2d_backward
 
 
 def requantize_tiled(acc_of: Callable[[int, int], torch.Tensor], batch: int, tile: int, exponent: Exponent) -> QTensor:

@@ -185,7 +185,7 @@ OPS = getattr(torch.ops, NAMESPACE)
 
 def self_check() -> None:
     """Raise unless every op equals a widened int64 computation on random and extreme operands."""
-    from elasticzo.int8 import ops  # the portable reference; imported here, ops imports this module
+    from elasticzo.int8 import conv  # the portable reference; imported here, conv imports this module
     gen = torch.Generator().manual_seed(0)
     for lo, hi in ((-128, 128), (127, 128), (-128, -127)):  # random, all +127, all -128
         a = torch.randint(lo, hi, (37, 53), generator=gen, dtype=torch.int8)
@@ -195,6 +195,6 @@ def self_check() -> None:
             raise RuntimeError(f"gemm_nt differs from int64 matmul on values in [{lo}, {hi})")
         x = torch.randint(lo, hi, (3, 2, 9, 11), generator=gen, dtype=torch.int8)
         w = torch.randint(lo, hi, (5, 2, 3, 4), generator=gen, dtype=torch.int8)
-        want = ops.int8_conv2d(x, w, (2, 1), (1, 2), "reference")  # integers only: this may run inside an audit
+        want = conv.int8_conv2d(x, w, (2, 1), (1, 2), "reference")  # integers only: this may run inside an audit
         if not torch.equal(OPS.conv2d(x, w, [2, 1], [1, 2]), want):
             raise RuntimeError(f"conv2d differs from the reference conv2d on values in [{lo}, {hi})")

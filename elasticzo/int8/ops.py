@@ -1,4 +1,4 @@
-"""Integer products: int8 x int8 -> int32 for linear and conv2d, forward and backward.
+"""Integer products: int8 x int8 -> int32, the one dispatch, and the linear layer's three products.
 
 Everything funnels into ONE dispatch function, ``int8_matmul``, with three implementations:
 
@@ -12,10 +12,8 @@ Everything funnels into ONE dispatch function, ``int8_matmul``, with three imple
 exact implementation by a one-time speed probe (``choose_impl``); on CUDA only the shapes
 ``_int_mm`` accepts go to it.
 
-Conv2d is im2col + matmul. Reference: ``im2col`` by ``Tensor.unfold`` (``F.unfold`` has no
-integer kernel on CPU), any stride; input gradient by matmul + ``col2im`` (strided adds).
-Fast (stride 1): ``shifted_columns``, an im2col built from kh*kw contiguous slab copies, and
-the input gradient as a forward convolution with the flipped kernel.
+Convolutions (``int8.conv``) and max-pool (``int8.pool``) build on this module; their names are
+still importable from here.
 
 Accumulator width: a sum of K products of int8 values is bounded by K * 2**14, so it fits int32
 while K <= ``MAX_INT32_TERMS``. Beyond that (e.g. a conv weight gradient over a large batch),
@@ -28,7 +26,6 @@ import time
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from elasticzo.int8 import native, native_ops
 from elasticzo.int8.shiftplan import planning, suspended
@@ -165,205 +162,19 @@ def int8_linear_grad_weight(g: torch.Tensor, x: torch.Tensor, impl: str | None =
     return int8_matmul(g.t(), x, impl)
 
 
-# ---------------------------------------------------------------- conv2d via im2col
+_MOVED = {"conv": ("conv_output_size", "im2col", "col2im", "shifted_columns", "int8_conv2d", "int8_conv2d_requant",
+                   "int8_conv2d_grad_input", "int8_conv2d_grad_weight", "_pair", "_is_stride1"),
+          "pool": ("int8_maxpool2d", "int8_maxpool2d_backward")}
 
 
-def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def __getattr__(name: str):
+    """``from elasticzo.int8.ops import int8_conv2d`` keeps working: the name lives in int8.conv / int8.pool."""
+    for module, names in _MOVED.items():
+        if name in names:
+            import importlib
 
-
-def conv_output_size(h: int, w: int, kernel: tuple[int, int], stride, padding) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw) = kernel, _pair(stride), _pair(padding)
-    return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-
-
-def im2col(x: torch.Tensor, kernel: tuple[int, int], stride, padding) -> torch.Tensor:
-    """x [B, C, H, W] -> columns [B*OH*OW, C*kh*kw], rows in (b, oh, ow) order, cols in (c, i, j).
-
-    Works on any dtype (``F.unfold`` has no integer kernel on CPU). Copies: B*OH*OW*C*kh*kw
-    int8 values, the usual im2col cost.
-    """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, _pair(stride), _pair(padding)
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))  # zeros: exact for integers
-    patches = x.unfold(2, kh, sh).unfold(3, kw, sw)  # [B, C, OH, OW, kh, kw] (a view)
-    b, c, oh, ow = patches.shape[:4]
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(b * oh * ow, c * kh * kw)
-
-
-def col2im(cols: torch.Tensor, shape: torch.Size, kernel: tuple[int, int], stride, padding) -> torch.Tensor:
-    """Adjoint of ``im2col``: scatter-add columns [B*OH*OW, C*kh*kw] back into [B, C, H, W].
-
-    A loop over the kh*kw kernel offsets, each a strided add of a [B, C, OH, OW] slab: integer
-    adds only (``F.fold`` has no integer kernel). Accumulates in the dtype of ``cols``.
-    """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, _pair(stride), _pair(padding)
-    b, c, h, w = shape
-    oh, ow = conv_output_size(h, w, kernel, stride, padding)
-    slabs = cols.reshape(b, oh, ow, c, kh, kw).permute(0, 3, 4, 5, 1, 2)  # [B, C, kh, kw, OH, OW]
-    out = torch.zeros(b, c, h + 2 * ph, w + 2 * pw, dtype=cols.dtype, device=cols.device)
-    for i in range(kh):
-        for j in range(kw):
-            out[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw] += slabs[:, :, i, j]
-    return out[:, :, ph : ph + h, pw : pw + w]
-
-
-def _is_stride1(stride) -> bool:
-    return _pair(stride) == (1, 1)
-
-
-def _use_shifted(impl: str | None, stride) -> bool:
-    """The fast conv layout: stride 1 and any implementation but the reference."""
-    return (_default_impl if impl is None else impl) != "reference" and _is_stride1(stride)
-
-
-def _native_conv(impl: str | None, x: torch.Tensor) -> bool:
-    """Whether this convolution runs in the native kernels (CPU, chosen or probed fastest)."""
-    return x.device.type == "cpu" and _resolve(impl, x.device, "conv") == "native"
-
-
-def int8_conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str | None = None):
-    """(int8 values, 0-dim int64 shift) of ``requantize_int32(int8_conv2d(...))`` in one fused native
-    call that holds one image's int32 accumulator at a time; None where the native path is not used.
-
-    Not inside a micro-batched pass: the kernel takes the shift from the images it is given,
-    there it must be the whole batch's (``int8.shiftplan``), so the unfused path runs instead."""
-    if planning() or not _native_conv(impl, x):
-        return None
-    return native_ops.OPS.conv2d_requant(x, w, list(_pair(stride)), list(_pair(padding)))
-
-
-def shifted_columns(x: torch.Tensor, kernel: tuple[int, int], padding) -> tuple[torch.Tensor, int, int]:
-    """Stride-1 im2col made of contiguous copies: columns [C*kh*kw, B*OH*Wp], plus (OH, Wp).
-
-    Flatten each padded image to one row of Hp*Wp values: the input under kernel offset (i, j)
-    for every output position (oh, ow) is then the contiguous run starting at i*Wp + j, if the
-    output grid is computed Wp wide instead of OW wide. The Wp - OW extra columns per row are
-    garbage the callers crop (forward) or meet with zeros (backward). kh*kw slab copies instead
-    of a per-element gather: about 20x faster than ``im2col`` for LeNet-5.
-    """
-    (kh, kw), (ph, pw) = kernel, _pair(padding)
-    b, c, h, w = x.shape
-    hp, wp = h + 2 * ph, w + 2 * pw
-    oh, run = hp - kh + 1, (hp - kh + 1) * wp
-    flat = F.pad(x, (pw, pw, ph, ph)).transpose(0, 1).reshape(c, b, hp * wp)  # [C, B, Hp*Wp]
-    flat = F.pad(flat, (0, kw - 1))  # the last garbage columns read up to kw-1 past the end
-    slabs = [flat[:, :, i * wp + j : i * wp + j + run] for i in range(kh) for j in range(kw)]
-    return torch.stack(slabs, dim=1).reshape(c * kh * kw, b * run), oh, wp  # rows in (c, i, j)
-
-
-def int8_conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str | None = None) -> torch.Tensor:
-    """Cross-correlation as ``F.conv2d`` (no bias): x [B, C, H, W], w [O, C, kh, kw] -> [B, O, OH, OW].
-
-    The result may be a non-contiguous view of the accumulator (integer values are exact either way).
-    """
-    if _native_conv(impl, x):
-        return native_ops.OPS.conv2d(x, w, list(_pair(stride)), list(_pair(padding)))
-    o, kernel = w.shape[0], tuple(w.shape[2:])
-    oh, ow = conv_output_size(x.shape[2], x.shape[3], kernel, stride, padding)
-    if _use_shifted(impl, stride):
-        cols, oh, wp = shifted_columns(x, kernel, padding)  # [K, B*OH*Wp]
-        acc = int8_matmul(w.reshape(o, -1), cols, impl)  # [O, B*OH*Wp]
-        return acc.reshape(o, x.shape[0], oh, wp)[..., :ow].permute(1, 0, 2, 3)
-    cols = im2col(x, kernel, stride, padding)  # [B*OH*OW, C*kh*kw]
-    acc = int8_matmul(cols, w.reshape(o, -1).t(), impl)  # [B*OH*OW, O]
-    return acc.reshape(x.shape[0], oh, ow, o).permute(0, 3, 1, 2)
-
-
-def int8_conv2d_grad_input(
-    g: torch.Tensor, w: torch.Tensor, input_shape, stride=1, padding=0, impl: str | None = None
-) -> torch.Tensor:
-    """dL/dx for ``int8_conv2d``: g [B, O, OH, OW], w [O, C, kh, kw] -> [B, C, H, W].
-
-    Stride 1 (fast path): the adjoint of a convolution is the full convolution with the
-    flipped, channel-transposed kernel, padding k-1-p, so the forward fast path does the work.
-    Otherwise: matmul, then col2im; each input pixel sums at most O*kh*kw products (widened to
-    int64 if that could overflow int32).
-    """
-    o, c, kh, kw = w.shape
-    ph, pw = _pair(padding)
-    if _use_shifted(impl, stride) and ph < kh and pw < kw:
-        w_adj = w.flip(2, 3).transpose(0, 1)  # [C, O, kh, kw]
-        return int8_conv2d(g, w_adj, 1, (kh - 1 - ph, kw - 1 - pw), impl)
-    gm = g.permute(0, 2, 3, 1).reshape(-1, o)  # [B*OH*OW, O]
-    dcols = int8_matmul(gm, w.reshape(o, -1), impl)  # [B*OH*OW, C*kh*kw]
-    if o * kh * kw > MAX_INT32_TERMS:
-        dcols = dcols.to(torch.int64)
-    return col2im(dcols, torch.Size(input_shape), (kh, kw), stride, padding)
-
-
-def int8_conv2d_grad_weight(
-    g: torch.Tensor, x: torch.Tensor, weight_shape, stride=1, padding=0, impl: str | None = None
-) -> torch.Tensor:
-    """dL/dW for ``int8_conv2d``: g [B, O, OH, OW], x [B, C, H, W] -> [O, C, kh, kw] (K = B*OH*OW).
-
-    The columns are recomputed from x (what layers keep), not stored.
-    """
-    o, kernel = weight_shape[0], tuple(weight_shape[2:])
-    if _native_conv(impl, x):
-        dw = native_ops.OPS.conv2d_grad_weight(g, x, list(weight_shape), list(_pair(stride)), list(_pair(padding)))
-        terms = g.shape[0] * g.shape[2] * g.shape[3]
-        return dw.to(torch.int32) if terms <= MAX_INT32_TERMS else dw  # the width the other paths return
-    if _use_shifted(impl, stride):
-        cols, oh, wp = shifted_columns(x, kernel, padding)  # [K, B*OH*Wp]
-        gp = g.new_zeros(o, g.shape[0], oh, wp)  # zeros meet the garbage columns
-        gp[..., : g.shape[3]] = g.transpose(0, 1)
-        return int8_matmul(gp.reshape(o, -1), cols.t(), impl).reshape(weight_shape)
-    cols = im2col(x, kernel, stride, padding)  # [B*OH*OW, C*kh*kw]
-    gm = g.permute(1, 0, 2, 3).reshape(o, -1)  # [O, B*OH*OW]
-    return int8_matmul(gm, cols, impl).reshape(weight_shape)
-
-
-# ---------------------------------------------------------------- max-pool by window offsets
-
-
-def _window(v: torch.Tensor, i: int, j: int, out_hw: tuple[int, int], stride: tuple[int, int]) -> torch.Tensor:
-    """The entries at offset (i, j) of every pooling window: a strided view [B, C, OH, OW]."""
-    (oh, ow), (sh, sw) = out_hw, stride
-    return v[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-
-
-def int8_maxpool2d(x: torch.Tensor, kernel, stride=None, with_argmax: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Max-pool (no padding) -> (max [B, C, OH, OW], argmax offset in the window, int8 row-major).
-
-    A running max over the kh*kw window offsets: elementwise ops on strided views, several
-    times faster than ``F.max_pool2d`` on int8 (CPU), and the window offset fits int8 where
-    ``F.max_pool2d`` stores int64 flat indices (8x the memory). Ties keep the first maximum in
-    row-major window order, the rule of ``F.max_pool2d``.
-    """
-    (kh, kw) = _pair(kernel)
-    st = _pair(kernel if stride is None else stride)
-    if kh * kw > 127:
-        raise ValueError(f"pooling window {kh}x{kw} has more than 127 offsets")
-    if native.active(x) and x.dim() == 4:
-        out, arg = native_ops.OPS.maxpool2d(x, [kh, kw], list(st), with_argmax)
-        return out, (arg if with_argmax else None)
-    out_hw = conv_output_size(x.shape[2], x.shape[3], (kh, kw), st, 0)
-    best = _window(x, 0, 0, out_hw, st)
-    arg = torch.zeros(best.shape, dtype=torch.int8, device=x.device) if with_argmax else None
-    for o in range(1, kh * kw):
-        cand = _window(x, o // kw, o % kw, out_hw, st)
-        if with_argmax:  # forward-only passes (the ZO part) skip the argmax bookkeeping
-            arg = arg.masked_fill(cand > best, o)  # strict: an equal later entry does not win
-        best = torch.maximum(best, cand)
-    return best.contiguous(), arg
-
-
-def int8_maxpool2d_backward(g: torch.Tensor, arg: torch.Tensor, input_shape, kernel, stride=None) -> torch.Tensor:
-    """Route each error to its window's argmax: int8 when windows do not overlap, else int32 sums."""
-    (kh, kw) = _pair(kernel)
-    st = _pair(kernel if stride is None else stride)
-    overlap = kh > st[0] or kw > st[1]
-    out = torch.zeros(tuple(input_shape), dtype=torch.int32 if overlap else g.dtype, device=g.device)
-    zero = torch.zeros((), dtype=g.dtype, device=g.device)
-    for o in range(kh * kw):
-        routed = torch.where(arg == o, g, zero)
-        view = _window(out, o // kw, o % kw, tuple(g.shape[2:]), st)
-        if overlap:
-            view += routed
-        else:
-            view.copy_(routed)  # disjoint windows: each input receives at most one error
-    return out
+            return getattr(importlib.import_module(f"elasticzo.int8.{module}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- measuring the two paths

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from elasticzo.int8 import native, ops
+from elasticzo.int8 import conv, native, ops
 from elasticzo.int8.layers import requantize_tiled
 
 log = logging.getLogger("elasticzo.int8")
@@ -34,11 +34,11 @@ def _cases(gen: torch.Generator) -> dict[str, list]:
 
 def conv_layer(x: torch.Tensor, w: torch.Tensor, padding: int, impl: str, tile: int = 8) -> torch.Tensor:
     """What ``IntConv2d.forward`` does with ``impl``: the fused native call, or conv + tiled requantisation."""
-    fused = ops.int8_conv2d_requant(x, w, 1, padding, impl)
+    fused = conv.int8_conv2d_requant(x, w, 1, padding, impl)
     if fused is not None:
         return fused[0]
-    conv = lambda lo, hi: ops.int8_conv2d(x[lo:hi], w, 1, padding, impl)
-    return requantize_tiled(conv, x.shape[0], tile, 0).values
+    tile_conv = lambda lo, hi: conv.int8_conv2d(x[lo:hi], w, 1, padding, impl)
+    return requantize_tiled(tile_conv, x.shape[0], tile, 0).values
 
 
 def _seconds(fn, impl: str) -> float:
