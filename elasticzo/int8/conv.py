@@ -149,7 +149,7 @@ def int8_conv2d_grad_weight(
     The columns are recomputed from x (what layers keep), not stored.
     """
     o, kernel = weight_shape[0], tuple(weight_shape[2:])
-    if _native_conv(impl, x):
+    if _native_conv(impl, x) and g.shape[2] * g.shape[3] <= MAX_INT32_TERMS:  # one image's sum fits int32
         dw = native_ops.OPS.conv2d_grad_weight(g, x, list(weight_shape), list(_pair(stride)), list(_pair(padding)))
         terms = g.shape[0] * g.shape[2] * g.shape[3]
         return dw.to(torch.int32) if terms <= MAX_INT32_TERMS else dw  # the width the other paths return

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from elasticzo.int8 import native, native_ops
 from elasticzo.int8.bias import add_bias, bias_gradient
 from elasticzo.int8.format import Exponent, QTensor, requantize_int32
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
@@ -268,7 +269,10 @@ class IntReLU(IntLayer):
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         if self._mask is None:
             raise RuntimeError("IntReLU.backward needs forward(x, store=True) first")
-        out = torch.where(self._mask, grad.values, torch.zeros_like(grad.values))
+        if native.active(grad.values):
+            out = native_ops.OPS.relu_backward(grad.values, self._mask)
+        else:
+            out = torch.where(self._mask, grad.values, torch.zeros_like(grad.values))
         self._mask = None
         return QTensor(out, grad.exponent)
 

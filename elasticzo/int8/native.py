@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger("elasticzo.int8")
 SOURCE = Path(__file__).with_name("kernels") / "ezo_int8.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -69,7 +69,8 @@ def _cache_dir() -> Path:
 def build(cc: str, flags: list[str], source: Path = SOURCE) -> Path:
     """Compile ``source`` into a library (or reuse the cached build with the same key); returns its path."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([source.read_text(), version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
+    sources = [p.read_text() for p in sorted(source.parent.glob("*.c"))]  # a kernel file may include its siblings
+    key = hashlib.sha256("\0".join([*sources, version, *flags, _cpu_flags()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
@@ -98,6 +99,10 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_requant_shift": ([_I64, _P], _I64),
         "ezo_requant": ([_I64, _P, _I64, _P], None),
         "ezo_maxpool2d": ([_I64] * 7 + [_P, _P, _P], None),
+        "ezo_maxpool2d_backward": ([_I64] * 7 + [_P, _P, _P], None),
+        "ezo_relu_backward": ([_I64, _P, _P, _P], None),
+        "ezo_niti_update32": ([_I64, _P, _P, _I64, _P], None),
+        "ezo_niti_update64": ([_I64, _P, _P, _I64, _P], None),
         "ezo_zo_update_carry": ([_I64, _P, _P, _I64, _I64, _P, _P], None),
         "ezo_perturb": ([_I64, _P, _P, _I64, _P], None),
         "ezo_cross_entropy": ([_I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P], None),

@@ -83,17 +83,18 @@ def _conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding
 
 def _conv2d_grad_weight(g: torch.Tensor, x: torch.Tensor, weight_shape: list[int], stride: list[int],
                         padding: list[int]) -> torch.Tensor:
-    """int64 [O, C, kh, kw]: sum over images of g_b (x) patches_b, one image's int32 product at a time."""
+    """int64 [O, C, kh, kw]: the sum over images and pixels of g (x) patches, int32 per chunk of pixels.
+
+    The caller keeps one image's OH*OW <= MAX_INT32_TERMS (a chunk never splits an image)."""
     g, x = _need(g, torch.int8, 4, "g"), _need(x, torch.int8, 4, "x")
     w = torch.empty(weight_shape, dtype=torch.int8)  # only its shape is read
     shape, oh, ow = _conv_shape(x, w, stride, padding)
     if tuple(g.shape) != (x.shape[0], weight_shape[0], oh, ow):
         raise ValueError(f"conv grad: g is {tuple(g.shape)}, expected {(x.shape[0], weight_shape[0], oh, ow)}")
-    dw = torch.zeros(weight_shape, dtype=torch.int64)
-    tmp = torch.empty(weight_shape, dtype=torch.int32)
+    dw = torch.empty(weight_shape, dtype=torch.int64)
     lib = native.lib()
     work, p = _workspace(lib.ezo_conv2d_grad_weight_workspace(shape)), native.ptr
-    lib.ezo_conv2d_grad_weight(x.shape[0], shape, p(g), p(x), p(dw), p(tmp), p(work))
+    lib.ezo_conv2d_grad_weight(x.shape[0], shape, p(g), p(x), p(dw), None, p(work))
     return dw
 
 
@@ -137,6 +138,42 @@ def _maxpool2d(x: torch.Tensor, kernel: list[int], stride: list[int], with_argma
     return out, arg
 
 
+def _maxpool2d_backward(g: torch.Tensor, arg: torch.Tensor, input_shape: list[int], kernel: list[int],
+                        stride: list[int]) -> torch.Tensor:
+    """int8 [B, C, H, W]: each error at its window's arg max, zeros elsewhere (windows must not overlap)."""
+    g, arg = _need(g, torch.int8, 4, "g"), _need(arg, torch.int8, 4, "arg")
+    (b, c, h, w), (kh, kw), (sh, sw) = input_shape, kernel, stride
+    if kh > sh or kw > sw or g.shape != arg.shape or tuple(g.shape) != (b, c, (h - kh) // sh + 1, (w - kw) // sw + 1):
+        raise ValueError(f"maxpool2d_backward: g {tuple(g.shape)}, arg {tuple(arg.shape)} do not fit input "
+                         f"{tuple(input_shape)} with disjoint windows {kernel} stride {stride}")
+    out, p = torch.empty(input_shape, dtype=torch.int8), native.ptr
+    native.lib().ezo_maxpool2d_backward(b * c, h, w, kh, kw, sh, sw, p(g), p(arg), p(out))
+    return out
+
+
+def _relu_backward(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mask ? g : 0 for an int8 error and the bool mask of the forward (x > 0)."""
+    if g.dtype != torch.int8 or mask.dtype != torch.bool or g.shape != mask.shape:
+        raise TypeError(f"relu_backward: int8 g and bool mask of one shape, got {g.dtype} {tuple(g.shape)}, "
+                        f"{mask.dtype} {tuple(mask.shape)}")
+    g, mask = g.contiguous(), mask.contiguous()
+    out, p = torch.empty_like(g), native.ptr
+    native.lib().ezo_relu_backward(g.numel(), p(g), p(mask), p(out))
+    return out
+
+
+def _niti_update(w: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Tensor:
+    """sat(W - round_ps(grad / 2**s)), s = max(bitlength(grad) - mu, 0): ``update.niti_update`` in two passes."""
+    if w.dtype != torch.int8 or grad.dtype not in (torch.int32, torch.int64) or w.numel() != grad.numel():
+        raise TypeError(f"niti_update: int8 weight and an int32/int64 gradient of as many entries, got "
+                        f"{w.dtype} {tuple(w.shape)}, {grad.dtype} {tuple(grad.shape)}")
+    w, grad = w.contiguous(), grad.contiguous()
+    out, p, lib = torch.empty_like(w), native.ptr, native.lib()
+    update = lib.ezo_niti_update32 if grad.dtype == torch.int32 else lib.ezo_niti_update64
+    update(w.numel(), p(w), p(grad), mu, p(out))
+    return out
+
+
 def _zo_update_carry(w: torch.Tensor, z: torch.Tensor, d: int, s: int, carry: torch.Tensor) -> torch.Tensor:
     """sat(W - whole units of carry + d z / 2**(s - 8)); the fraction stays in ``carry`` (written in place)."""
     if not (carry.dtype == torch.uint8 and carry.is_contiguous() and carry.numel() == w.numel() == z.numel()):
@@ -176,6 +213,10 @@ _register("requantize(Tensor acc) -> (Tensor, Tensor)", _requantize)
 _register("requant_shift(Tensor acc) -> Tensor", _requant_shift)
 _register("requantize_at(Tensor acc, int s) -> Tensor", _requantize_at)
 _register("maxpool2d(Tensor x, int[] kernel, int[] stride, bool with_argmax) -> (Tensor, Tensor)", _maxpool2d)
+_register("maxpool2d_backward(Tensor g, Tensor arg, int[] input_shape, int[] kernel, int[] stride) -> Tensor",
+          _maxpool2d_backward)
+_register("relu_backward(Tensor g, Tensor mask) -> Tensor", _relu_backward)
+_register("niti_update(Tensor w, Tensor grad, int mu) -> Tensor", _niti_update)
 _register("zo_update_carry(Tensor w, Tensor z, int d, int s, Tensor(a!) carry) -> Tensor", _zo_update_carry)
 _register("perturb(Tensor w, Tensor z, int eps) -> Tensor", _perturb)
 _register("cross_entropy(Tensor q, int exponent, Tensor target, Tensor pow_hi, Tensor pow_lo, Tensor log_frac, "

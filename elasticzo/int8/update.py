@@ -50,6 +50,8 @@ def niti_update(weight: torch.Tensor, grad_acc: torch.Tensor, mu: int) -> torch.
     """
     if not 1 <= mu <= 8:
         raise ValueError(f"mu={mu} must be in 1..8 bits (an int8 weight spans 8 bits)")
+    if native.active(weight):
+        return native_ops.OPS.niti_update(weight, grad_acc, mu)  # two passes, no int64 temporaries
     s = (bitlength(grad_acc) - mu).clamp(min=0)
     grad = grad_acc.reshape(-1)
     return _chunked(weight, lambda lo, hi: shift_round_pseudo_stochastic(grad[lo:hi], s))

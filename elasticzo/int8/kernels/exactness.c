@@ -1,7 +1,8 @@
 /* Exactness driver for ezo_int8.c with no Python and no torch: builds for any target (aarch64 under
  * qemu, see scripts/aarch64_exactness.sh) and compares every kernel with naive int64 loops on random
  * and extreme operands (all +127, all -127, all -128, ReLU-range 0..127). Prints one line per
- * kernel and exits 1 on the first mismatch. */
+ * kernel and exits 1 on the first mismatch. Covers the forward kernels and the backward ones of
+ * ezo_int8_backward.c (weight gradient, pool routing, ReLU mask, NITI update). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,6 +111,72 @@ static int check_grad_weight(const int64_t *shape, int64_t B, int fx) {
     return (int)bad;
 }
 
+/* Max-pool forward (first arg max) and the routing of an error back to it, against plain loops. */
+static int check_pool(int64_t P, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int fill) {
+    int64_t OH = (H - kh) / sh + 1, OW = (W - kw) / sw + 1, bad = 0;
+    int8_t *x = malloc(P * H * W), *out = malloc(P * OH * OW), *arg = malloc(P * OH * OW), *g = malloc(P * OH * OW);
+    int8_t *back = malloc(P * H * W);
+    fill_buf(x, P * H * W, fill); fill_buf(g, P * OH * OW, 0);
+    if (fill == 4) for (int64_t i = 0; i < P * H * W; i++) x[i] %= 3;  /* ties */
+    ezo_maxpool2d(P, H, W, kh, kw, sh, sw, x, out, arg);
+    ezo_maxpool2d_backward(P, H, W, kh, kw, sh, sw, g, arg, back);
+    for (int64_t p = 0; p < P; p++)
+        for (int64_t oh = 0; oh < OH; oh++)
+            for (int64_t ow = 0; ow < OW; ow++) {
+                int64_t at = 0, i = (p * OH + oh) * OW + ow;
+                for (int64_t o = 1; o < kh * kw; o++)
+                    if (x[(p * H + oh * sh + o / kw) * W + ow * sw + o % kw] > x[(p * H + oh * sh + at / kw) * W + ow * sw + at % kw]) at = o;
+                bad |= arg[i] != at || out[i] != x[(p * H + oh * sh + at / kw) * W + ow * sw + at % kw];
+            }
+    for (int64_t p = 0; p < P; p++)  /* each input: its window's error if it is that window's arg max, else 0 */
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t w = 0; w < W; w++) {
+                int64_t oh = h / sh, ow = w / sw, want = 0;
+                if (oh < OH && ow < OW && h - oh * sh < kh && w - ow * sw < kw &&
+                    arg[(p * OH + oh) * OW + ow] == (h - oh * sh) * kw + (w - ow * sw))
+                    want = g[(p * OH + oh) * OW + ow];
+                bad |= back[(p * H + h) * W + w] != want;
+            }
+    free(x); free(out); free(arg); free(g); free(back);
+    return (int)bad;
+}
+
+/* ReLU mask and the NITI update (pseudo-stochastic rounding, spelled out again) against plain loops. */
+static int check_update(int64_t n, int64_t mu, int fill) {
+    int8_t *w = malloc(n), *g8 = malloc(n), *out = malloc(n), *out64 = malloc(n);
+    uint8_t *mask = malloc(n);
+    int32_t *grad = malloc(n * 4);
+    int64_t *grad64 = malloc(n * 8), top = 0, bad = 0;
+    fill_buf(w, n, fill); fill_buf(g8, n, 0);
+    for (int64_t i = 0; i < n; i++) {
+        w[i] = w[i] == -128 ? -127 : w[i];
+        mask[i] = (uint8_t)(g8[i] & 1);
+        grad[i] = (int32_t)((int64_t)draw(0) * 16777216 + (int64_t)(uint8_t)draw(0) * 65536 + draw(0));
+        grad64[i] = (int64_t)grad[i] * 4099;
+    }
+    ezo_relu_backward(n, w, mask, out);
+    for (int64_t i = 0; i < n; i++) bad |= out[i] != (mask[i] ? w[i] : 0);
+    for (int wide = 0; wide < 2; wide++) {
+        top = 0;
+        for (int64_t i = 0; i < n; i++) {
+            int64_t v = wide ? grad64[i] : grad[i];
+            top = (v < 0 ? -v : v) > top ? (v < 0 ? -v : v) : top;
+        }
+        int64_t bits = 0, s;
+        while ((top >> bits) != 0) bits++;
+        s = bits > mu ? bits - mu : 0;
+        if (wide) ezo_niti_update64(n, w, grad64, mu, out64); else ezo_niti_update32(n, w, grad, mu, out64);
+        for (int64_t i = 0; i < n; i++) {
+            int64_t v = wide ? grad64[i] : grad[i], mag = v < 0 ? -v : v, low = mag % ((int64_t)1 << s);
+            int64_t prob = low / ((int64_t)1 << (s / 2)), rnd = (low % ((int64_t)1 << (s / 2))) * (s % 2 ? 2 : 1);
+            int64_t step = mag / ((int64_t)1 << s) + (prob > rnd), r = w[i] - (v < 0 ? -step : step);
+            bad |= out64[i] != (r > 127 ? 127 : (r < -127 ? -127 : r));
+        }
+    }
+    free(w); free(g8); free(out); free(out64); free(mask); free(grad); free(grad64);
+    return (int)bad;
+}
+
 int main(void) {
     static const int64_t gemms[][3] = {{1, 1, 1}, {5, 3, 7}, {64, 120, 400}, {17, 33, 151}, {4, 16, 2}, {9, 10, 84}};
     static const int64_t convs[][10] = {  /* C, H, W, O, kh, kw, sh, sw, ph, pw */
@@ -126,6 +193,13 @@ int main(void) {
     for (int fx = 0; fx < 5; fx++)
         for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++, cases++)
             failures += check_grad_weight(convs[i], 2, fx);
+    static const int64_t pools[][7] = {  /* P, H, W, kh, kw, sh, sw: disjoint windows */
+        {6, 28, 28, 2, 2, 2, 2}, {16, 10, 10, 2, 2, 2, 2}, {3, 9, 19, 2, 2, 2, 2}, {2, 11, 13, 3, 2, 3, 3}, {2, 7, 8, 1, 3, 2, 3}};
+    for (int fill = 0; fill < 5; fill++) {
+        for (size_t i = 0; i < sizeof pools / sizeof pools[0]; i++, cases++)
+            failures += check_pool(pools[i][0], pools[i][1], pools[i][2], pools[i][3], pools[i][4], pools[i][5], pools[i][6], fill);
+        for (int64_t mu = 1; mu <= 8; mu += 7, cases++) failures += check_update(1000, mu, fill);
+    }
     printf("ezo_int8 exactness: %d of %d cases differ from int64 loops\n", failures, cases);
     return failures != 0;
 }

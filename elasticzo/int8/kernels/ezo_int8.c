@@ -10,6 +10,7 @@
  * Convolutions pack one image's patches at a time into a small workspace (no batch-sized column
  * copy) and call the same product; the requantisation epilogue (bit length of max|acc|, shift
  * with round half up, saturation to [-127, 127]) runs on one image's accumulator at a time.
+ * The backward kernels (weight gradient, routing, NITI update) are in ezo_int8_backward.c, included last.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -168,17 +169,6 @@ static inline const int8_t *patch_row(const ezo_conv_shape *s, const int8_t *xp,
     int64_t c = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw;
     int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
     return xp + (c * hp + oh * s->sh + i) * wp + j;
-}
-
-/* One image's im2col, K-major: R[k][oh * OW + ow] for k = (c, i, j); no batch-sized column matrix. */
-static void im2col_kmajor(const ezo_conv_shape *s, const int8_t *xp, int8_t *R) {
-    int64_t step = s->sh * (s->W + 2 * s->pw);
-    for (int64_t k = 0; k < s->K; k++)
-        for (int64_t oh = 0; oh < s->OH; oh++) {
-            const int8_t *src = patch_row(s, xp, k, 0) + oh * step;
-            int8_t *dst = R + k * s->N + oh * s->OW;
-            for (int64_t ow = 0; ow < s->OW; ow++) dst[ow] = src[ow * s->sw];
-        }
 }
 
 #ifdef __AVX2__
@@ -374,26 +364,6 @@ EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t
     return S;
 }
 
-/* Weight gradient dW[O, K] (int64, summed over images) = sum_b g_b[O, N] * R_b[K, N]^T, R_b the
- * image's K-major im2col: K = N terms per image in int32, the images summed in int64. */
-EZO_API void ezo_conv2d_grad_weight(int64_t B, const int64_t *shape, const int8_t *g, const int8_t *x, int64_t *dw,
-                                    int32_t *tmp, void *work) {
-    ezo_conv_shape s = conv_shape(shape);
-    int8_t *xp = (int8_t *)work, *R = xp + xp_bytes(&s);
-    void *gw = R + r_bytes(&s);
-    for (int64_t b = 0; b < B; b++) {
-        pad_image(&s, x + b * s.C * s.H * s.W, xp);
-        im2col_kmajor(&s, xp, R);
-        gemm_nt(s.O, s.K, s.N, g + b * s.O * s.N, s.N, R, s.N, tmp, s.K, gw);
-        for (int64_t i = 0; i < s.O * s.K; i++) dw[i] += tmp[i];
-    }
-}
-
-EZO_API int64_t ezo_conv2d_grad_weight_workspace(const int64_t *shape) {
-    ezo_conv_shape s = conv_shape(shape);
-    return xp_bytes(&s) + r_bytes(&s) + a_bytes(s.O, s.N) + b_bytes(s.K, s.N);
-}
-
 /* ------------------------------------------------------------------ the rest of a step: pool, ZO update, loss */
 
 /* Max-pool without padding over P = B*C planes [H, W]: out[P, OH, OW]; arg (optional) = offset of the
@@ -410,6 +380,34 @@ static void pool2x2_row(const int8_t *r0, const int8_t *r1, int8_t *out, int64_t
         if (o + 8 >= OW) return;
     }
 }
+
+/* pool2x2_row with the arg max offset (0..3, the first maximum in row-major order wins): 8 windows at a
+ * time on int16 lanes, the even byte of a pair by a shift up and back, the odd one by a shift down. */
+static void pool2x2_arg_row(const int8_t *r0, const int8_t *r1, int8_t *out, int8_t *arg, int64_t OW) {
+    for (int64_t o = 0; OW < 8 && o < OW; o++) {  /* short rows (LeNet's second pool): one window at a time */
+        int8_t v[4] = {r0[2 * o], r0[2 * o + 1], r1[2 * o], r1[2 * o + 1]}, best = v[0], at = 0;
+        for (int8_t k = 1; k < 4; k++) {
+            at = v[k] > best ? k : at;
+            best = v[k] > best ? v[k] : best;
+        }
+        out[o] = best, arg[o] = at;
+    }
+    for (int64_t o = 0; OW >= 8; o += 8) {
+        if (o + 8 > OW) o = OW - 8;
+        __m128i a = _mm_loadu_si128((const __m128i *)(r0 + 2 * o)), b = _mm_loadu_si128((const __m128i *)(r1 + 2 * o));
+        __m128i v[4] = {_mm_srai_epi16(_mm_slli_epi16(a, 8), 8), _mm_srai_epi16(a, 8),
+                        _mm_srai_epi16(_mm_slli_epi16(b, 8), 8), _mm_srai_epi16(b, 8)};
+        __m128i best = v[0], at = _mm_setzero_si128();
+        for (int k = 1; k < 4; k++) {
+            __m128i gt = _mm_cmpgt_epi16(v[k], best);  /* strict: an equal later entry does not win */
+            best = _mm_max_epi16(best, v[k]);
+            at = _mm_or_si128(_mm_andnot_si128(gt, at), _mm_and_si128(gt, _mm_set1_epi16((short)k)));
+        }
+        _mm_storel_epi64((__m128i *)(out + o), _mm_packs_epi16(best, best));
+        _mm_storel_epi64((__m128i *)(arg + o), _mm_packs_epi16(at, at));
+        if (o + 8 >= OW) return;
+    }
+}
 #endif
 
 EZO_API void ezo_maxpool2d(int64_t P, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
@@ -420,8 +418,11 @@ EZO_API void ezo_maxpool2d(int64_t P, int64_t H, int64_t W, int64_t kh, int64_t 
             int8_t *best = out + (p * OH + oh) * OW, *at = arg ? arg + (p * OH + oh) * OW : 0;
             const int8_t *top = x + (p * H + oh * sh) * W;
 #ifdef __AVX2__
-            if (!at && kh == 2 && kw == 2 && sh == 2 && sw == 2 && OW >= 8) {  /* LeNet's pools, forward only */
-                pool2x2_row(top, top + W, best, OW);
+            if (kh == 2 && kw == 2 && sh == 2 && sw == 2 && (at || OW >= 8)) {  /* LeNet's pools */
+                if (at)
+                    pool2x2_arg_row(top, top + W, best, at, OW);
+                else
+                    pool2x2_row(top, top + W, best, OW);
                 continue;
             }
 #endif
@@ -522,5 +523,7 @@ EZO_API void ezo_cross_entropy(int64_t B, int64_t C, const int8_t *q, int64_t ex
     }
 }
 
-EZO_API int ezo_abi_version(void) { return 3; }
+EZO_API int ezo_abi_version(void) { return 4; }
+
+#include "ezo_int8_backward.c"  /* conv weight gradient, pool routing, ReLU mask, NITI update */
 
