@@ -1,4 +1,4 @@
-"""The native backward kernels of a NITI step (weight gradient, pool routing, ReLU mask, NITI update)
+"""The native backward kernels of a NITI step (weight and input gradients, pool routing, ReLU mask, NITI update)
 equal the portable PyTorch path bit for bit, over shapes and the extreme fills."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elasticzo.int8 import conv, native, ops, pool
-from elasticzo.int8.format import QTensor
+from elasticzo.int8.format import QTensor, requantize_int32
 from elasticzo.int8.layers import IntReLU
 from elasticzo.int8.update import niti_update
 
@@ -48,6 +48,24 @@ def test_weight_gradient_on_lenet_shapes_equals_reference(batch, fill, layer):
     want = conv.int8_conv2d_grad_weight(g, x, (o, c, 5, 5), 1, pad, "reference")
     got = conv.int8_conv2d_grad_weight(g, x, (o, c, 5, 5), 1, pad, "native")
     assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+@FAST
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 17), st.integers(1, 5), st.integers(1, 5),
+       st.integers(0, 9), st.integers(0, 12), st.integers(0, 6), st.integers(0, 6), st.sampled_from(FILLS),
+       st.sampled_from(FILLS), st.integers(0, 3), st.integers(0, 2**31))
+def test_input_gradient_requantised_equals_reference(b, c, o, kh, kw, eh, ew, ph, pw, fill_g, fill_w, quiet, seed):
+    """The adjoint of a stride-1 conv (any padding, also wider than the kernel), requantised over the batch."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (b, c, max(kh + eh - 2 * ph, 1), max(kw + ew - 2 * pw, 1))
+    oh, ow = shape[2] + 2 * ph - kh + 1, shape[3] + 2 * pw - kw + 1
+    if oh < 1 or ow < 1:
+        return
+    g, w = _fill((b, o, oh, ow), fill_g, gen), _fill((o, c, kh, kw), fill_w, gen)
+    g[: min(quiet, b - 1)] >>= 5  # images whose own shift is below the batch's
+    want = requantize_int32(conv.int8_conv2d_grad_input(g, w, shape, 1, (ph, pw), "reference"), 0)
+    values, shift = conv.int8_conv2d_grad_input_requant(g, w, shape, 1, (ph, pw), "native")
+    assert torch.equal(values, want.values) and int(shift) == int(want.exponent)
 
 
 @FAST

@@ -82,6 +82,17 @@ def int8_conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, i
     return native_ops.OPS.conv2d_requant(x, w, list(_pair(stride)), list(_pair(padding)))
 
 
+def int8_conv2d_grad_input_requant(g: torch.Tensor, w: torch.Tensor, input_shape, stride=1, padding=0,
+                                   impl: str | None = None):
+    """(int8 values, 0-dim int64 shift) of ``requantize_int32(int8_conv2d_grad_input(...))`` in one native call
+    (stride 1: the adjoint's runs added straight into the padded input grid, one image's int32 at a time);
+    None where the native path is not used, as ``int8_conv2d_requant``."""
+    o, c, kh, kw = w.shape
+    if planning() or not _native_conv(impl, g) or not _is_stride1(stride) or o * kh * kw > MAX_INT32_TERMS:
+        return None
+    return native_ops.OPS.conv2d_grad_input_requant(g, w, list(input_shape), list(_pair(padding)))
+
+
 def shifted_columns(x: torch.Tensor, kernel: tuple[int, int], padding) -> tuple[torch.Tensor, int, int]:
     """Stride-1 im2col made of contiguous copies: columns [C*kh*kw, B*OH*Wp], plus (OH, Wp).
 

@@ -31,10 +31,9 @@ from elasticzo.int8.format import Exponent, QTensor, requantize_int32
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import requantize_shift
 from elasticzo.int8.conv import (
-    _is_stride1,
-    _pair,
     int8_conv2d,
     int8_conv2d_grad_input,
+    int8_conv2d_grad_input_requant,
     int8_conv2d_grad_weight,
     int8_conv2d_requant,
 )
@@ -233,13 +232,9 @@ class IntConv2d(_WeightLayer):
         if not input_grad:
             return None
         exponent = grad.exponent + self.weight_exponent
-        if _is_stride1(self.stride):  # the adjoint is a forward conv: fused native where it runs
-            o, c, kh, kw = self.weight.shape
-            ph, pw = _pair(self.padding)
-            w_adj = self.weight.flip(2, 3).transpose(0, 1)
-            fused = int8_conv2d_requant(grad.values, w_adj, 1, (kh - 1 - ph, kw - 1 - pw))
-            if fused is not None and ph < kh and pw < kw:
-                return QTensor(fused[0], exponent + fused[1])
+        fused = int8_conv2d_grad_input_requant(grad.values, self.weight, x.shape, self.stride, self.padding)
+        if fused is not None:  # native: requantised one image at a time
+            return QTensor(fused[0], exponent + fused[1])
         if self.tile and x.shape[0] > self.tile:  # as in forward: never the whole int32 error at once
             def conv(lo, hi):
                 g = grad.values[lo:hi]

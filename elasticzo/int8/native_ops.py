@@ -98,6 +98,23 @@ def _conv2d_grad_weight(g: torch.Tensor, x: torch.Tensor, weight_shape: list[int
     return dw
 
 
+def _conv2d_grad_input_requant(g: torch.Tensor, w: torch.Tensor, input_shape: list[int], padding: list[int]):
+    """(int8 [B, C, H, W], int64 shift): dL/dx of a stride-1 conv requantised, one image's int32 dX at a time."""
+    g, w = _need(g, torch.int8, 4, "g"), _need(w, torch.int8, 4, "w")
+    x = torch.empty(0, *input_shape[1:], dtype=torch.int8)  # only its shape is read
+    shape, oh, ow = _conv_shape(x, w, [1, 1], padding)
+    if tuple(g.shape) != (input_shape[0], w.shape[0], oh, ow):
+        raise ValueError(f"conv input grad: g is {tuple(g.shape)}, expected {(input_shape[0], w.shape[0], oh, ow)}")
+    out = torch.empty(input_shape, dtype=torch.int8)
+    n, lib = out[0].numel(), native.lib()
+    scratch = torch.empty(n, dtype=torch.int32)  # one image's dX
+    bits = _workspace(lib.ezo_requant_bits_bytes(g.shape[0], n))
+    shifts = torch.empty(g.shape[0], dtype=torch.int64)
+    work, p = _workspace(lib.ezo_conv2d_grad_input_workspace(shape)), native.ptr
+    s = lib.ezo_conv2d_grad_input_requant(g.shape[0], shape, p(g), p(w), p(out), p(scratch), p(bits), p(shifts), p(work))
+    return out, torch.tensor(s, dtype=torch.int64)
+
+
 def _requantize(acc: torch.Tensor):
     """(int8 values, int64 shift) of an int32 accumulator: ``format.requantize_int32`` in one pass each."""
     if acc.dtype != torch.int32 or acc.device.type != "cpu":
@@ -209,6 +226,8 @@ _register("conv2d(Tensor x, Tensor w, int[] stride, int[] padding) -> Tensor", _
 _register("conv2d_requant(Tensor x, Tensor w, int[] stride, int[] padding) -> (Tensor, Tensor)", _conv2d_requant)
 _register("conv2d_grad_weight(Tensor g, Tensor x, int[] weight_shape, int[] stride, int[] padding) -> Tensor",
           _conv2d_grad_weight)
+_register("conv2d_grad_input_requant(Tensor g, Tensor w, int[] input_shape, int[] padding) -> (Tensor, Tensor)",
+          _conv2d_grad_input_requant)
 _register("requantize(Tensor acc) -> (Tensor, Tensor)", _requantize)
 _register("requant_shift(Tensor acc) -> Tensor", _requant_shift)
 _register("requantize_at(Tensor acc, int s) -> Tensor", _requantize_at)

@@ -28,7 +28,7 @@ from functools import lru_cache
 import torch
 
 from elasticzo.int8 import native, native_ops
-from elasticzo.int8.shiftplan import planning, suspended
+from elasticzo.int8.shiftplan import suspended
 
 IMPLS = ("auto", "native", "int_mm", "reference")
 _INT32_MAX = torch.iinfo(torch.int32).max

@@ -2,7 +2,7 @@
  * qemu, see scripts/aarch64_exactness.sh) and compares every kernel with naive int64 loops on random
  * and extreme operands (all +127, all -127, all -128, ReLU-range 0..127). Prints one line per
  * kernel and exits 1 on the first mismatch. Covers the forward kernels and the backward ones of
- * ezo_int8_backward.c (weight gradient, pool routing, ReLU mask, NITI update). */
+ * ezo_int8_backward.c (weight and input gradients, pool routing, ReLU mask, NITI update). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -111,6 +111,33 @@ static int check_grad_weight(const int64_t *shape, int64_t B, int fx) {
     return (int)bad;
 }
 
+/* The requantised input gradient of a stride-1 conv against int64 loops over the adjoint. */
+static int check_grad_input(const int64_t *shape, int64_t B, int fill) {
+    ezo_conv_shape s = conv_shape(shape);
+    int64_t n = s.C * s.H * s.W, top = 0, bad = 0;
+    int8_t *g = malloc(B * s.O * s.N + 1), *w = malloc(s.O * s.K + 1), *out = malloc(B * n + 1);
+    int32_t *scratch = malloc(n * 4 + 4);
+    int64_t *want = calloc(B * n + 1, 8), *shifts = malloc(B * 8);
+    uint8_t *bits = malloc(ezo_requant_bits_bytes(B, n) + 1);
+    void *work = malloc(ezo_conv2d_grad_input_workspace(shape) + 64);
+    fill_buf(g, B * s.O * s.N, fill); fill_buf(w, s.O * s.K, fill ? fill : 0);
+    for (int64_t i = 0; i < s.O * s.N; i++) g[i] >>= 4;  /* a quieter first image */
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t o = 0; o < s.O; o++)
+            for (int64_t p = 0; p < s.N; p++)
+                for (int64_t k = 0; k < s.K; k++) {
+                    int64_t c = k / (s.kh * s.kw), h = p / s.OW + (k / s.kw) % s.kh - s.ph, v = p % s.OW + k % s.kw - s.pw;
+                    if (h >= 0 && h < s.H && v >= 0 && v < s.W)
+                        want[(b * s.C + c) * s.H * s.W + h * s.W + v] += (int64_t)g[(b * s.O + o) * s.N + p] * w[o * s.K + k];
+                }
+    for (int64_t i = 0; i < B * n; i++) top = (want[i] < 0 ? -want[i] : want[i]) > top ? (want[i] < 0 ? -want[i] : want[i]) : top;
+    int64_t S = ezo_conv2d_grad_input_requant(B, shape, g, w, out, scratch, bits, shifts, work);
+    bad |= S != shift_for(top);
+    for (int64_t i = 0; i < B * n; i++) bad |= out[i] != naive_narrow(want[i], S);
+    free(g); free(w); free(out); free(scratch); free(want); free(shifts); free(bits); free(work);
+    return (int)bad;
+}
+
 /* Max-pool forward (first arg max) and the routing of an error back to it, against plain loops. */
 static int check_pool(int64_t P, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int fill) {
     int64_t OH = (H - kh) / sh + 1, OW = (W - kw) / sw + 1, bad = 0;
@@ -196,6 +223,8 @@ int main(void) {
     static const int64_t pools[][7] = {  /* P, H, W, kh, kw, sh, sw: disjoint windows */
         {6, 28, 28, 2, 2, 2, 2}, {16, 10, 10, 2, 2, 2, 2}, {3, 9, 19, 2, 2, 2, 2}, {2, 11, 13, 3, 2, 3, 3}, {2, 7, 8, 1, 3, 2, 3}};
     for (int fill = 0; fill < 5; fill++) {
+        for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++)
+            if (convs[i][6] == 1 && convs[i][7] == 1) cases++, failures += check_grad_input(convs[i], 3, fill);
         for (size_t i = 0; i < sizeof pools / sizeof pools[0]; i++, cases++)
             failures += check_pool(pools[i][0], pools[i][1], pools[i][2], pools[i][3], pools[i][4], pools[i][5], pools[i][6], fill);
         for (int64_t mu = 1; mu <= 8; mu += 7, cases++) failures += check_update(1000, mu, fill);

@@ -1,5 +1,5 @@
-/* elasticzo native int8 kernels, the backward half of a NITI step: conv weight gradient, max-pool
- * routing, ReLU mask, NITI weight update. Included at the end of ezo_int8.c (one library, one
+/* elasticzo native int8 kernels, the backward half of a NITI step: conv weight and input gradients,
+ * max-pool routing, ReLU mask, NITI weight update. Included at the end of ezo_int8.c (one library, one
  * translation unit: it uses that file's conv shape, padding and patch helpers). Exact integer
  * arithmetic, equal bit for bit to elasticzo's portable PyTorch path. */
 
@@ -129,6 +129,122 @@ EZO_API void ezo_conv2d_grad_weight(int64_t B, const int64_t *shape, const int8_
         }
         gw_products(&s, G, R, L, dw);
     }
+}
+
+/* ------------------------------------------------------------------ conv input gradient */
+
+/* dX, the adjoint of a stride-1 conv, requantised: dXp[c][(oh + i) * Wp + ow + j] += W[o][c][i][j] g[o][oh][ow]
+ * on the padded input grid, then cropped to [H, W]. With g laid out Wp wide (zeros for ow >= OW), each
+ * (c, i, j) adds ONE contiguous run T[q] = sum_o W[o][c][i][j] G[o][q], q < OH * Wp, at offset i * Wp + j:
+ * no flipped kernel, no zero border of width k - 1 multiplied through, no column matrix. The sum over o
+ * runs on int16 pairs of output channels, word (G[2p][q], G[2p+1][q]) (vpmaddwd on AVX2). Each dX entry
+ * sums O * kh * kw products: the caller keeps that <= MAX_INT32_TERMS. */
+typedef struct { int64_t Wp, Q, Qv, plane, op; } gi_dims;
+
+static gi_dims gi_dims_of(const ezo_conv_shape *s) {
+    gi_dims d;
+    d.Wp = s->W + 2 * s->pw;
+    d.Q = s->OH * d.Wp;  /* the Wp-wide output grid */
+    d.Qv = (d.Q + 7) / 8 * 8;
+    d.plane = (s->H + 2 * s->ph) * d.Wp + s->kw + 8;  /* the last run ends kw - 1 + Qv - Q past the grid */
+    d.op = (s->O + 1) / 2;
+    return d;
+}
+
+EZO_API int64_t ezo_conv2d_grad_input_workspace(const int64_t *shape) {
+    ezo_conv_shape s = conv_shape(shape);
+    gi_dims d = gi_dims_of(&s);
+    return align64(d.op * d.Qv * 4) + align64(s.K * d.op * 4) + align64(s.C * d.plane * 4) + align64(s.OW);
+}
+
+static inline int32_t pair16(int8_t lo, int8_t hi) {
+    return (int32_t)((uint32_t)(uint16_t)(int16_t)lo | ((uint32_t)(uint16_t)(int16_t)hi << 16));
+}
+
+/* Gp[p][oh * Wp + ow] = (g[2p][oh][ow], g[2p+1][oh][ow]); the entries for ow >= OW stay as the caller zeroed them. */
+static void gi_pack_errors(const ezo_conv_shape *s, const gi_dims *d, const int8_t *g, const int8_t *zeros, int32_t *Gp) {
+    for (int64_t p = 0; p < d->op; p++)
+        for (int64_t oh = 0; oh < s->OH; oh++) {
+            const int8_t *r0 = g + (2 * p * s->OH + oh) * s->OW;
+            const int8_t *r1 = 2 * p + 1 < s->O ? r0 + s->OH * s->OW : zeros;
+            int32_t *dst = Gp + p * d->Qv + oh * d->Wp;
+#ifdef __AVX2__
+            if (s->OW >= 8) { interleave_row(r0, r1, dst, s->OW); continue; }
+#endif
+            for (int64_t ow = 0; ow < s->OW; ow++) dst[ow] = pair16(r0[ow], r1[ow]);
+        }
+}
+
+/* dXp[c][off + q] += sum_p Wk[p] . Gp[p][q] over q < Qv (Wk: the weight pairs of one (c, i, j)). */
+static void gi_run(const gi_dims *d, const int32_t *Gp, const int32_t *Wk, int32_t *dst) {
+    int64_t q = 0;
+#ifdef __AVX2__
+    for (; q + 32 <= d->Qv; q += 32) {
+        __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
+        for (int64_t p = 0; p < d->op; p++) {
+            __m256i wv = _mm256_set1_epi32(Wk[p]);
+            for (int r = 0; r < 4; r++)
+                acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(wv, _mm256_loadu_si256((const __m256i *)(Gp + p * d->Qv + q + 8 * r))));
+        }
+        for (int r = 0; r < 4; r++) {
+            __m256i *out = (__m256i *)(dst + q + 8 * r);
+            _mm256_storeu_si256(out, _mm256_add_epi32(_mm256_loadu_si256(out), acc[r]));
+        }
+    }
+    for (; q < d->Qv; q += 8) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t p = 0; p < d->op; p++)
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_set1_epi32(Wk[p]), _mm256_loadu_si256((const __m256i *)(Gp + p * d->Qv + q))));
+        __m256i *out = (__m256i *)(dst + q);
+        _mm256_storeu_si256(out, _mm256_add_epi32(_mm256_loadu_si256(out), acc));
+    }
+#else
+    for (int64_t p = 0; p < d->op; p++) {
+        int32_t wl = (int16_t)(Wk[p] & 0xFFFF), wh = (int16_t)((uint32_t)Wk[p] >> 16);
+        const int32_t *G = Gp + p * d->Qv;
+        for (q = 0; q < d->Qv; q++) dst[q] += wl * (int16_t)(G[q] & 0xFFFF) + wh * (int16_t)((uint32_t)G[q] >> 16);
+    }
+#endif
+}
+
+/* One image: dX [C, H, W] int32 into `acc`. */
+static void gi_image(const ezo_conv_shape *s, const gi_dims *d, const int8_t *g, const int8_t *zeros, int32_t *Gp,
+                     const int32_t *Wpairs, int32_t *dXp, int32_t *acc) {
+    gi_pack_errors(s, d, g, zeros, Gp);
+    memset(dXp, 0, (size_t)(s->C * d->plane) * sizeof(int32_t));
+    for (int64_t k = 0; k < s->K; k++) {  /* k = (c, i, j) */
+        int64_t c = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw;
+        gi_run(d, Gp, Wpairs + k * d->op, dXp + c * d->plane + i * d->Wp + j);
+    }
+    for (int64_t c = 0; c < s->C; c++)
+        for (int64_t h = 0; h < s->H; h++)
+            memcpy(acc + (c * s->H + h) * s->W, dXp + c * d->plane + (h + s->ph) * d->Wp + s->pw, (size_t)s->W * sizeof(int32_t));
+}
+
+/* out[B, C, H, W] int8 = requantize(dX) for g[B, O, OH, OW] and w[O, C, kh, kw] of a stride-1 conv with
+ * shape {C, H, W, O, kh, kw, 1, 1, ph, pw}: one image's int32 dX at a time (`scratch`, C*H*W), narrowed
+ * at once by its own shift and brought to the common one at the end, as ezo_conv2d_requant. Returns the shift. */
+EZO_API int64_t ezo_conv2d_grad_input_requant(int64_t B, const int64_t *shape, const int8_t *g, const int8_t *w,
+                                              int8_t *out, int32_t *scratch, uint8_t *bits, int64_t *shifts, void *work) {
+    ezo_conv_shape s = conv_shape(shape);
+    gi_dims d = gi_dims_of(&s);
+    int32_t *Gp = (int32_t *)work, *Wpairs = (int32_t *)((char *)work + align64(d.op * d.Qv * 4));
+    int32_t *dXp = (int32_t *)((char *)Wpairs + align64(s.K * d.op * 4));
+    int8_t *zeros = (int8_t *)((char *)dXp + align64(s.C * d.plane * 4));
+    int64_t n = s.C * s.H * s.W, nb = (n + 7) / 8, S = 0;
+    memset(zeros, 0, (size_t)s.OW);
+    memset(Gp, 0, (size_t)(d.op * d.Qv) * sizeof(int32_t));  /* the columns ow >= OW stay 0 for every image */
+    for (int64_t k = 0; k < s.K; k++)  /* Wpairs[k][p] = (w[2p][k], w[2p+1][k]) */
+        for (int64_t p = 0; p < d.op; p++)
+            Wpairs[k * d.op + p] = pair16(w[2 * p * s.K + k], 2 * p + 1 < s.O ? w[(2 * p + 1) * s.K + k] : 0);
+    for (int64_t b = 0; b < B; b++) {
+        gi_image(&s, &d, g + b * s.O * s.N, zeros, Gp, Wpairs, dXp, scratch);
+        shifts[b] = shift_for(absmax32(n, scratch));
+        narrow_provisional(n, scratch, shifts[b], out + b * n, bits + b * nb);
+        S = shifts[b] > S ? shifts[b] : S;
+    }
+    for (int64_t b = 0; b < B; b++) narrow_final(n, out + b * n, bits + b * nb, shifts[b], S);
+    return S;
 }
 
 /* ------------------------------------------------------------------ max-pool routing and ReLU mask */
