@@ -88,16 +88,17 @@ def test_maxpool_forward_and_backward_native_equal_portable(b, c, kh, kw, dh, dw
 
 @FAST
 @given(st.integers(1, 5000), st.sampled_from(FILLS), st.sampled_from(FILLS), st.integers(0, 2**31))
-def test_relu_backward_native_equals_portable(n, fill_x, fill_g, seed):
+def test_relu_forward_and_backward_native_equal_portable(n, fill_x, fill_g, seed):
     gen = torch.Generator().manual_seed(seed)
     x, g = QTensor(_fill((n,), fill_x, gen), -3), QTensor(_fill((n,), fill_g, gen), -5)
 
     def run():
         relu = IntReLU()
-        relu.forward(x, store=True)
-        return relu.backward(g).values
+        out = relu.forward(x, store=True)
+        return out.values, relu.backward(g).values
 
-    assert torch.equal(run(), _portable(run))
+    (out, back), (want_out, want_back) = run(), _portable(run)
+    assert torch.equal(out, want_out) and torch.equal(back, want_back)
 
 
 GRADS = st.sampled_from(["random", "int32-extremes", "small", "zeros", "int64-wide"])

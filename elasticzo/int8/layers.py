@@ -257,6 +257,9 @@ class IntReLU(IntLayer):
         self._mask: torch.Tensor | None = None
 
     def forward(self, x: QTensor, store: bool = True) -> QTensor:
+        if store and not self.inplace and native.active(x.values):  # values and mask in one pass
+            values, self._mask = native_ops.OPS.relu_forward(x.values)
+            return QTensor(values, x.exponent)
         self._mask = x.values > 0 if store else None  # bool: 1 byte per element
         values = x.values.clamp_(min=0) if self.inplace else x.values.clamp(min=0)
         return QTensor(values, x.exponent)

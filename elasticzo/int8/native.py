@@ -102,6 +102,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_conv2d_grad_input_workspace": ([_P], _I64),
         "ezo_conv2d_grad_input_requant": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P], _I64),
         "ezo_maxpool2d_backward": ([_I64] * 7 + [_P, _P, _P], None),
+        "ezo_relu_forward": ([_I64, _P, _P, _P], None),
         "ezo_relu_backward": ([_I64, _P, _P, _P], None),
         "ezo_niti_update32": ([_I64, _P, _P, _I64, _P], None),
         "ezo_niti_update64": ([_I64, _P, _P, _I64, _P], None),

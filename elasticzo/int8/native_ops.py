@@ -168,6 +168,16 @@ def _maxpool2d_backward(g: torch.Tensor, arg: torch.Tensor, input_shape: list[in
     return out
 
 
+def _relu_forward(x: torch.Tensor):
+    """(max(x, 0), x > 0) of an int8 tensor in one pass: the values and the mask the backward keeps."""
+    if x.dtype != torch.int8:
+        raise TypeError(f"relu_forward expects int8, got {x.dtype}")
+    x = x.contiguous()
+    out, mask, p = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool), native.ptr
+    native.lib().ezo_relu_forward(x.numel(), p(x), p(out), p(mask))
+    return out, mask
+
+
 def _relu_backward(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """mask ? g : 0 for an int8 error and the bool mask of the forward (x > 0)."""
     if g.dtype != torch.int8 or mask.dtype != torch.bool or g.shape != mask.shape:
@@ -234,6 +244,7 @@ _register("requantize_at(Tensor acc, int s) -> Tensor", _requantize_at)
 _register("maxpool2d(Tensor x, int[] kernel, int[] stride, bool with_argmax) -> (Tensor, Tensor)", _maxpool2d)
 _register("maxpool2d_backward(Tensor g, Tensor arg, int[] input_shape, int[] kernel, int[] stride) -> Tensor",
           _maxpool2d_backward)
+_register("relu_forward(Tensor x) -> (Tensor, Tensor)", _relu_forward)
 _register("relu_backward(Tensor g, Tensor mask) -> Tensor", _relu_backward)
 _register("niti_update(Tensor w, Tensor grad, int mu) -> Tensor", _niti_update)
 _register("zo_update_carry(Tensor w, Tensor z, int d, int s, Tensor(a!) carry) -> Tensor", _zo_update_carry)

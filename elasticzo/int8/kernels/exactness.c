@@ -168,7 +168,7 @@ static int check_pool(int64_t P, int64_t H, int64_t W, int64_t kh, int64_t kw, i
     return (int)bad;
 }
 
-/* ReLU mask and the NITI update (pseudo-stochastic rounding, spelled out again) against plain loops. */
+/* ReLU forward and backward and the NITI update (pseudo-stochastic rounding, spelled out again) against plain loops. */
 static int check_update(int64_t n, int64_t mu, int fill) {
     int8_t *w = malloc(n), *g8 = malloc(n), *out = malloc(n), *out64 = malloc(n);
     uint8_t *mask = malloc(n);
@@ -183,6 +183,8 @@ static int check_update(int64_t n, int64_t mu, int fill) {
     }
     ezo_relu_backward(n, w, mask, out);
     for (int64_t i = 0; i < n; i++) bad |= out[i] != (mask[i] ? w[i] : 0);
+    ezo_relu_forward(n, g8, out, mask);
+    for (int64_t i = 0; i < n; i++) bad |= out[i] != (g8[i] > 0 ? g8[i] : 0) || mask[i] != (g8[i] > 0);
     for (int wide = 0; wide < 2; wide++) {
         top = 0;
         for (int64_t i = 0; i < n; i++) {

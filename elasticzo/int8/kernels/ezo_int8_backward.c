@@ -289,6 +289,15 @@ EZO_API void ezo_maxpool2d_backward(int64_t P, int64_t H, int64_t W, int64_t kh,
         }
 }
 
+/* ReLU forward that keeps its mask for the backward, one pass: out = max(x, 0), mask = x > 0 (bool bytes). */
+EZO_API void ezo_relu_forward(int64_t n, const int8_t *x, int8_t *out, uint8_t *mask) {
+    for (int64_t i = 0; i < n; i++) {
+        int8_t v = x[i];
+        mask[i] = v > 0;
+        out[i] = v > 0 ? v : 0;
+    }
+}
+
 /* out = mask ? g : 0 (ReLU backward; mask holds 0 or 1 per entry, a bool tensor's bytes). */
 EZO_API void ezo_relu_backward(int64_t n, const int8_t *g, const uint8_t *mask, int8_t *out) {
     for (int64_t i = 0; i < n; i++) out[i] = (int8_t)(g[i] & -(int8_t)mask[i]);
