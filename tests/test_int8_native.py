@@ -231,3 +231,21 @@ def test_maxpool_2x2_fast_path_equals_portable(shape, with_argmax):
     want = _portable(lambda: ops.int8_maxpool2d(x, 2, 2, with_argmax))
     got = ops.int8_maxpool2d(x, 2, 2, with_argmax)
     assert torch.equal(got[0], want[0]) and (not with_argmax or torch.equal(got[1], want[1]))
+
+
+@FAST
+@given(st.integers(1, 40000), st.integers(-(2**40), 2**40), st.integers(0, 40), st.sampled_from([1, -1, 3, -127]),
+       st.sampled_from(FILLS), st.integers(0, 2**31))
+def test_streamed_zo_steps_native_equal_portable(n, d, s, eps, fill, seed):
+    """perturbed_weight / zo_update_ expand the same random words inside the kernel (rounds of 16384 bits)."""
+    from elasticzo.int8.update import perturbed_weight, zo_update_
+
+    gen = torch.Generator().manual_seed(seed)
+    w = _fill((n,), fill, gen).clamp(min=-127)
+    carry = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    g = lambda: torch.Generator().manual_seed(seed + 1)
+    assert torch.equal(perturbed_weight(w, g(), eps), _portable(lambda: perturbed_weight(w, g(), eps)))
+    w_nat, c_nat, w_ref, c_ref = w.clone(), carry.clone(), w.clone(), carry.clone()
+    zo_update_(w_nat, g(), torch.tensor(d), torch.tensor(s), c_nat)
+    _portable(lambda: zo_update_(w_ref, g(), torch.tensor(d), torch.tensor(s), c_ref))
+    assert torch.equal(w_nat, w_ref) and torch.equal(c_nat, c_ref)

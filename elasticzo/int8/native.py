@@ -108,6 +108,8 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_niti_update64": ([_I64, _P, _P, _I64, _P], None),
         "ezo_zo_update_carry": ([_I64, _P, _P, _I64, _I64, _P, _P], None),
         "ezo_perturb": ([_I64, _P, _P, _I64, _P], None),
+        "ezo_perturb_words": ([_I64, _P, _P, _I64, _P], None),
+        "ezo_zo_update_words": ([_I64, _P, _P, _I64, _I64, _P], None),
         "ezo_cross_entropy": ([_I64, _I64, _P, _I64, _P, _P, _P, _P, _P, _P], None),
     }
     for name, (args, res) in sigs.items():

@@ -211,6 +211,30 @@ def _zo_update_carry(w: torch.Tensor, z: torch.Tensor, d: int, s: int, carry: to
     return out
 
 
+def _words(words: torch.Tensor, n: int) -> torch.Tensor:
+    if words.dtype != torch.int32 or words.numel() * 32 < n or words.device.type != "cpu":
+        raise ValueError(f"need {(n + 31) // 32} int32 random words on the CPU for {n} weights, got "
+                         f"{words.numel()} {words.dtype} on {words.device}")
+    return words.contiguous()
+
+
+def _perturb_words(w: torch.Tensor, words: torch.Tensor, eps: int, out: torch.Tensor) -> None:
+    """out = sat(W + eps z), z the Rademacher signs of ``words`` (zo.noise.random_bits' order); out contiguous."""
+    if not (w.is_contiguous() and out.is_contiguous() and out.dtype == w.dtype == torch.int8 and out.numel() == w.numel()):
+        raise ValueError("perturb_words: w and out must be contiguous int8 tensors of one size")
+    words, p = _words(words, w.numel()), native.ptr
+    native.lib().ezo_perturb_words(w.numel(), p(w), p(words), eps, p(out))
+
+
+def _zo_update_words(w: torch.Tensor, words: torch.Tensor, d: int, s: int, carry: torch.Tensor) -> None:
+    """W and carry updated in place by the carried ZO step, z the Rademacher signs of ``words``."""
+    if not (w.is_contiguous() and carry.is_contiguous() and w.dtype == torch.int8 and carry.dtype == torch.uint8
+            and carry.numel() == w.numel()):
+        raise ValueError("zo_update_words: w (int8) and carry (uint8) must be contiguous and of one size")
+    words, p = _words(words, w.numel()), native.ptr
+    native.lib().ezo_zo_update_words(w.numel(), p(w), p(words), d, s, p(carry))
+
+
 def _perturb(w: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
     w, z = w.contiguous(), z.contiguous()
     out, p = torch.empty_like(w), native.ptr
@@ -249,6 +273,8 @@ _register("relu_backward(Tensor g, Tensor mask) -> Tensor", _relu_backward)
 _register("niti_update(Tensor w, Tensor grad, int mu) -> Tensor", _niti_update)
 _register("zo_update_carry(Tensor w, Tensor z, int d, int s, Tensor(a!) carry) -> Tensor", _zo_update_carry)
 _register("perturb(Tensor w, Tensor z, int eps) -> Tensor", _perturb)
+_register("perturb_words(Tensor w, Tensor words, int eps, Tensor(a!) out) -> ()", _perturb_words)
+_register("zo_update_words(Tensor(a!) w, Tensor words, int d, int s, Tensor(b!) carry) -> ()", _zo_update_words)
 _register("cross_entropy(Tensor q, int exponent, Tensor target, Tensor pow_hi, Tensor pow_lo, Tensor log_frac, "
           "bool with_grad) -> (Tensor, Tensor)", _cross_entropy)
 OPS = getattr(torch.ops, NAMESPACE)

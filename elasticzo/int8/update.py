@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from elasticzo.int8 import native, native_ops
-from elasticzo.zo.noise import random_bit_rounds, random_bits
+from elasticzo.zo.noise import random_bit_rounds, random_bits, random_word_rounds
 
 from elasticzo.int8.rounding import (
     INT8_MAX,
@@ -145,6 +145,12 @@ def perturbed_weight(weight: torch.Tensor, generator: torch.Generator, eps: int)
     """
     out = torch.empty_like(weight)
     flat, w = out.view(-1), weight.reshape(-1)
+    if native.active(weight) and weight.is_contiguous():  # z expanded inside the kernel, from the same words
+        if not 0 < abs(eps) <= INT8_MAX:
+            raise ValueError(f"eps={eps} must be a nonzero integer with |eps| <= {INT8_MAX}")
+        for lo, hi, words in random_word_rounds(w.numel(), generator, weight.device):
+            native_ops.OPS.perturb_words(w[lo:hi], words, eps, flat[lo:hi])
+        return out
     for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
         flat[lo:hi] = perturb_weight(w[lo:hi], z, eps)
     return out
@@ -158,6 +164,11 @@ def zo_update_(weight: torch.Tensor, generator: torch.Generator, d: torch.Tensor
     the peak is the weight, its carry and one piece, not 8 bytes per weight of int64 d z.
     """
     w, flat_carry, d64 = weight.view(-1), carry.view(-1), d.to(torch.int64)
+    if native.active(weight) and carry.is_contiguous():  # one kernel per round of random words
+        di, si = int(d), int(s)
+        for lo, hi, words in random_word_rounds(w.numel(), generator, weight.device):
+            native_ops.OPS.zo_update_words(w[lo:hi], words, di, si, flat_carry[lo:hi])
+        return weight
     for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
         step = _carried(d64 * z.to(torch.int64), s, flat_carry[lo:hi])
         w[lo:hi] = saturate_int8(w[lo:hi].to(torch.int64) - step)

@@ -50,6 +50,18 @@ BITS_CHUNK = 1 << 14  # bits drawn per round (one randint call of 512 words)
 EXPAND_WORDS = 64  # words turned into bits at once: int32 temporaries of 8 KiB, not 64 KiB
 
 
+def random_word_rounds(n: int, generator: torch.Generator, device: torch.device):
+    """Yield (lo, hi, words [k, 1] int32): bit i - lo of the round is bit (i - lo) % 32 of word (i - lo) // 32.
+
+    The words ``random_bit_rounds`` expands; a native kernel that expands them itself (the INT8
+    perturbation and update) sees exactly the same bits.
+    """
+    for lo in range(0, n, BITS_CHUNK):
+        hi = min(lo + BITS_CHUNK, n)
+        yield lo, hi, torch.randint(-(1 << 31), 1 << 31, ((hi - lo + 31) // 32, 1), generator=generator,
+                                    device=device, dtype=torch.int32)
+
+
 def random_bit_rounds(n: int, generator: torch.Generator, device: torch.device):
     """Yield (lo, hi, bits): the bits lo..hi of ``random_bits(n)``, one round at a time.
 
@@ -57,10 +69,7 @@ def random_bit_rounds(n: int, generator: torch.Generator, device: torch.device):
     never holds all n; the values are those of ``random_bits`` because both draw the same words.
     """
     shifts = torch.arange(32, device=device, dtype=torch.int32)
-    for lo in range(0, n, BITS_CHUNK):
-        hi = min(lo + BITS_CHUNK, n)
-        words = torch.randint(-(1 << 31), 1 << 31, ((hi - lo + 31) // 32, 1), generator=generator,
-                              device=device, dtype=torch.int32)
+    for lo, hi, words in random_word_rounds(n, generator, device):
         bits = torch.empty(hi - lo, dtype=torch.uint8, device=device)
         for w in range(0, words.shape[0], EXPAND_WORDS):
             a, b = 32 * w, min(32 * (w + EXPAND_WORDS), hi - lo)

@@ -2,7 +2,8 @@
  * qemu, see scripts/aarch64_exactness.sh) and compares every kernel with naive int64 loops on random
  * and extreme operands (all +127, all -127, all -128, ReLU-range 0..127). Prints one line per
  * kernel and exits 1 on the first mismatch. Covers the forward kernels and the backward ones of
- * ezo_int8_backward.c (weight and input gradients, pool routing, ReLU mask, NITI update). */
+ * ezo_int8_backward.c (weight and input gradients, pool routing, ReLU mask, NITI update, ZO steps on
+ * random words). */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -206,6 +207,32 @@ static int check_update(int64_t n, int64_t mu, int fill) {
     return (int)bad;
 }
 
+/* The ZO perturbation and update on random words against the same kernels on z expanded here. */
+static int check_words(int64_t n, int fill) {
+    int8_t *w = malloc(n), *z = malloc(n), *a = malloc(n), *b = malloc(n);
+    int32_t *words = malloc((n + 31) / 32 * 4);
+    uint8_t *ca = malloc(n), *cb = malloc(n);
+    int64_t bad = 0;
+    fill_buf(w, n, fill);
+    for (int64_t i = 0; i < (n + 31) / 32; i++) words[i] = (int32_t)((uint32_t)(uint8_t)draw(0) << 24 | (uint32_t)(uint8_t)draw(0) << 8 | (uint8_t)draw(0));
+    for (int64_t i = 0; i < n; i++) {
+        w[i] = w[i] == -128 ? -127 : w[i];
+        z[i] = ((uint32_t)words[i / 32] >> (i % 32)) & 1 ? 1 : -1;
+        ca[i] = cb[i] = (uint8_t)draw(0);
+    }
+    for (int64_t eps = -3; eps <= 3; eps += 2) {
+        ezo_perturb_words(n, w, words, eps, a);
+        ezo_perturb(n, w, z, eps, b);
+        bad |= memcmp(a, b, n) != 0;
+    }
+    memcpy(a, w, n);
+    ezo_zo_update_words(n, a, words, -12345, 11, ca);
+    ezo_zo_update_carry(n, w, z, -12345, 11, cb, b);
+    bad |= memcmp(a, b, n) != 0 || memcmp(ca, cb, n) != 0;
+    free(w); free(z); free(a); free(b); free(words); free(ca); free(cb);
+    return (int)bad;
+}
+
 int main(void) {
     static const int64_t gemms[][3] = {{1, 1, 1}, {5, 3, 7}, {64, 120, 400}, {17, 33, 151}, {4, 16, 2}, {9, 10, 84}};
     static const int64_t convs[][10] = {  /* C, H, W, O, kh, kw, sh, sw, ph, pw */
@@ -230,6 +257,7 @@ int main(void) {
         for (size_t i = 0; i < sizeof pools / sizeof pools[0]; i++, cases++)
             failures += check_pool(pools[i][0], pools[i][1], pools[i][2], pools[i][3], pools[i][4], pools[i][5], pools[i][6], fill);
         for (int64_t mu = 1; mu <= 8; mu += 7, cases++) failures += check_update(1000, mu, fill);
+        for (int64_t n = 1; n <= 1000; n += 333, cases++) failures += check_words(n, fill);
     }
     printf("ezo_int8 exactness: %d of %d cases differ from int64 loops\n", failures, cases);
     return failures != 0;

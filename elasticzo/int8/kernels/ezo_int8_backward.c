@@ -1,5 +1,5 @@
 /* elasticzo native int8 kernels, the backward half of a NITI step: conv weight and input gradients,
- * max-pool routing, ReLU mask, NITI weight update. Included at the end of ezo_int8.c (one library, one
+ * max-pool routing, ReLU mask, NITI weight update, and the ZO perturbation / update on random words. Included at the end of ezo_int8.c (one library, one
  * translation unit: it uses that file's conv shape, padding and patch helpers). Exact integer
  * arithmetic, equal bit for bit to elasticzo's portable PyTorch path. */
 
@@ -335,3 +335,31 @@ EZO_API void ezo_niti_update64(int64_t n, const int8_t *w, const int64_t *grad, 
     int64_t bits = bitlength64((uint64_t)(-lo > hi ? -lo : hi)), s = bits > mu ? bits - mu : 0;
     for (int64_t i = 0; i < n; i++) out[i] = sat8((int64_t)w[i] - pseudo_stochastic(grad[i], s));
 }
+
+/* ------------------------------------------------------------------ ZO steps on random words */
+
+/* z_i = 2 bit_i - 1, bit_i = bit i % 32 of words[i / 32] (zo.noise.random_bits' order), `len` entries from `lo`. */
+static void rademacher_words(const int32_t *words, int64_t lo, int64_t len, int8_t *z) {
+    for (int64_t i = 0; i < len; i++) z[i] = (int8_t)(((((uint32_t)words[(lo + i) >> 5]) >> ((lo + i) & 31)) & 1) * 2 - 1);
+}
+
+/* out = sat(W + eps z) for one round of words (update.perturbed_weight without expanding z in torch). */
+EZO_API void ezo_perturb_words(int64_t n, const int8_t *w, const int32_t *words, int64_t eps, int8_t *out) {
+    int8_t z[256];
+    for (int64_t lo = 0; lo < n; lo += 256) {
+        int64_t len = n - lo < 256 ? n - lo : 256;
+        rademacher_words(words, lo, len, z);
+        ezo_perturb(len, w + lo, z, eps, out + lo);
+    }
+}
+
+/* The carried ZO step (ezo_zo_update_carry) in place on W for one round of words (update.zo_update_). */
+EZO_API void ezo_zo_update_words(int64_t n, int8_t *w, const int32_t *words, int64_t d, int64_t s, uint8_t *carry) {
+    int8_t z[256];
+    for (int64_t lo = 0; lo < n; lo += 256) {
+        int64_t len = n - lo < 256 ? n - lo : 256;
+        rademacher_words(words, lo, len, z);
+        ezo_zo_update_carry(len, w + lo, z, d, s, carry + lo, w + lo);  /* reads w[i] before writing it */
+    }
+}
+
