@@ -183,16 +183,17 @@ class IntElasticZO(torch.optim.Optimizer):
         with torch.set_grad_enabled(backward), phase("forward_backward" if backward else "forward"):
             return closure(backward)
 
-    def _generator(self, zo: dict, index: int) -> torch.Generator:
+    def _generator(self, zo: dict, index: int, device: torch.device | None = None) -> torch.Generator:
         """The generator of ZO tensor ``index``'s direction z at this step (z is regenerated, never stored)."""
-        tensor = _tensors(self.zo_layers)[index][1]
-        return layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), tensor.device)
+        device = _tensors(self.zo_layers)[index][1].device if device is None else device
+        return layer_generator(derive_seed(zo["seed"], zo["step"], 0, index), device)
 
-    def _perturbed_weight(self, zo: dict, index: int, sign: int) -> torch.Tensor:
-        """sat(W + sign eps z) of ZO tensor ``index`` (the weights, then the biases); called per pass,
-        or per chunk of a micro-batched pass."""
+    def _perturbed_weight(self, zo: dict, index: int, sign: int, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """sat(W + sign eps z) of ZO tensor ``index`` (the weights, then the biases; ``tensor`` when
+        the caller has it at hand); called per pass, or per chunk of a micro-batched pass."""
+        tensor = _tensors(self.zo_layers)[index][1] if tensor is None else tensor
         with memory_tag("zo_noise"):
-            return perturbed_weight(_tensors(self.zo_layers)[index][1], self._generator(zo, index), sign * zo["eps"])
+            return perturbed_weight(tensor, self._generator(zo, index, tensor.device), sign * zo["eps"])
 
     def _direction(self, zo: dict, index: int) -> torch.Tensor:
         """z of ZO tensor ``index`` at this step, regenerated from its seed (never stored)."""
@@ -203,16 +204,14 @@ class IntElasticZO(torch.optim.Optimizer):
     def _perturbed(self, zo: dict, sign: int) -> Iterator[None]:
         """Within the block, ZO tensor i computes as sat(T_i + sign * eps z_i), built when its layer runs."""
         for i, (layer, tensor) in enumerate(_tensors(self.zo_layers)):  # piece by piece: z never whole
-            hook = lambda i=i: self._perturbed_weight(zo, i, sign)
-            if tensor is layer.weight:
-                layer.perturbation = hook
-            else:
-                layer.bias_perturbation = hook
+            hook = lambda i=i, tensor=tensor: self._perturbed_weight(zo, i, sign, tensor)
+            _set_hook(layer, "perturbation" if tensor is layer.weight else "bias_perturbation", hook)
         try:
             yield
         finally:
             for layer in self.zo_layers:
-                layer.perturbation = layer.bias_perturbation = None
+                _set_hook(layer, "perturbation", None)
+                _set_hook(layer, "bias_perturbation", None)
 
     def _zo_update(self, zo: dict, d: torch.Tensor) -> None:
         """W <- sat(W - d z / 2**s), the fraction carried; s follows |d| (no host sync)."""
@@ -222,7 +221,7 @@ class IntElasticZO(torch.optim.Optimizer):
         s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(0, 62)
         self.last_projected_grads = d.reshape(1)
         for i, (_, tensor) in enumerate(_tensors(self.zo_layers)):  # in place, z streamed: no copy, no whole z
-            zo_update_(tensor, self._generator(zo, i), d, s, self.state[tensor]["carry"])
+            zo_update_(tensor, self._generator(zo, i, tensor.device), d, s, self.state[tensor]["carry"])
 
     def _bp_update(self, bp: dict) -> None:
         """NITI on every BP layer from the gradient its backward left, then drop the gradient."""
@@ -239,3 +238,9 @@ class IntElasticZO(torch.optim.Optimizer):
 def _tensors(layers: list[_WeightLayer]) -> list[tuple[_WeightLayer, torch.Tensor]]:
     """(layer, tensor) of every trained int8 tensor: all the weights in order, then the biases."""
     return [(l, l.weight) for l in layers] + [(l, l.bias) for l in layers if l.bias is not None]
+
+
+def _set_hook(layer: _WeightLayer, name: str, hook: Callable[[], torch.Tensor] | None) -> None:
+    """``layer.<name> = hook`` without nn.Module.__setattr__'s parameter/buffer/module checks (a
+    plain attribute; set 4 times per layer and step, the checks were a visible part of a step)."""
+    vars(layer)[name] = hook
