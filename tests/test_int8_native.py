@@ -156,12 +156,9 @@ def test_falls_back_to_the_portable_path_with_one_log_line(env, tmp_path):
 
 
 def _portable(fn):
-    """fn() with the portable PyTorch path everywhere (``set_matmul_impl("reference")``)."""
-    ops.set_matmul_impl("reference")
-    try:
+    """fn() with the portable PyTorch path everywhere."""
+    with ops.matmul_impl("reference"):
         return fn()
-    finally:
-        ops.set_matmul_impl("auto")
 
 
 @FAST

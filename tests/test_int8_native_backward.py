@@ -28,12 +28,9 @@ def _fill(shape, fill: str, gen: torch.Generator) -> torch.Tensor:
 
 
 def _portable(fn):
-    """fn() with the portable PyTorch path everywhere (``set_matmul_impl("reference")``)."""
-    ops.set_matmul_impl("reference")
-    try:
+    """fn() with the portable PyTorch path everywhere."""
+    with ops.matmul_impl("reference"):
         return fn()
-    finally:
-        ops.set_matmul_impl("auto")
 
 
 @pytest.mark.parametrize("batch", [1, 64, 171])  # 171 x 784 pixels > MAX_INT32_TERMS: the int64 result

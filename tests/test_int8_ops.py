@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elasticzo.int8 import ops
+from elasticzo.int8 import native, ops
 from elasticzo.int8.format import QTensor, dequantize
 from elasticzo.int8.ops import (
     MAX_INT32_TERMS,
@@ -121,6 +121,17 @@ def test_set_matmul_impl_validates():
         ops.set_matmul_impl("cuda-magic")
     with pytest.raises(ValueError):
         int8_matmul(torch.zeros(1, 1, dtype=torch.int8), torch.zeros(1, 1, dtype=torch.int8), "nope")
+
+
+def test_matmul_impl_block_restores_the_previous_choice_even_after_an_error():
+    ops.set_matmul_impl("int_mm")
+    try:
+        with pytest.raises(RuntimeError), ops.matmul_impl("reference"):
+            assert ops._default_impl == "reference" and not native._enabled
+            raise RuntimeError("inside the block")
+        assert ops._default_impl == "int_mm" and native._enabled
+    finally:
+        ops.set_matmul_impl("auto")
 
 
 # ---------------------------------------------------------------- conv2d

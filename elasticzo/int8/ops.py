@@ -23,7 +23,9 @@ exact, never wrapped. Callers (requantize, updates) accept either width.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 
@@ -44,6 +46,18 @@ def set_matmul_impl(impl: str) -> None:
         raise ValueError(f"unknown int8 matmul impl {impl!r}; choose one of {IMPLS}")
     _default_impl = impl
     native._enabled = impl != "reference"  # "reference": the portable path for the elementwise kernels too
+
+
+@contextmanager
+def matmul_impl(impl: str) -> Iterator[None]:
+    """Within the block every integer product uses ``impl`` (e.g. "reference" to check a native
+    result against the portable path); the previous choice is restored afterwards."""
+    previous = _default_impl
+    set_matmul_impl(impl)
+    try:
+        yield
+    finally:
+        set_matmul_impl(previous)
 
 
 # ---------------------------------------------------------------- the one dispatch function
