@@ -26,6 +26,8 @@ SCHEDULES = ("constant", "cosine")
 NOISE_KINDS = ("gaussian", "rademacher")  # float ZO directions (INT8 uses int8 Rademacher)
 BP_GRADS = ("mean", "plus")
 DEVICES = ("auto", "cpu", "cuda")
+INT8_ZO_SHIFTS = (-8, 30)  # -8: a step of up to 2**8 units at the mean |d|, as far as an int8 weight can move
+
 CHOICES = {"model": MODEL_NAMES, "dataset": DATASET_NAMES, "method": METHODS, "precision": PRECISIONS,
            "schedule": SCHEDULES, "noise": NOISE_KINDS, "bp_grad": BP_GRADS, "device": DEVICES}
 
@@ -105,7 +107,7 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         positive = ("epochs", "batch_size", "queries", "eps", "num_points")
         non_negative = ("lr_bp", "grad_clip", "zo_weight_decay", "weight_decay", "train_limit", "test_limit",
-                        "checkpoint_every", "check_every", "int8_zo_shift", "int8_tile", "threads", "micro_batch")
+                        "checkpoint_every", "check_every", "int8_tile", "threads", "micro_batch")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{_flag(name)}: must be > 0, got {getattr(self, name)!r}")
@@ -117,6 +119,9 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}: must be >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"--momentum: must be in [0, 1), got {self.momentum!r}")
+        low, high = INT8_ZO_SHIFTS
+        if not low <= self.int8_zo_shift <= high:
+            raise ValueError(f"--int8-zo-shift: must be in {low}..{high}, got {self.int8_zo_shift!r}")
         if not 1 <= self.int8_lr_bits <= 8:
             raise ValueError(f"--int8-lr-bits: must be in 1..8, got {self.int8_lr_bits!r}")
         self._reject_settings_without_effect()

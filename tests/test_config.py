@@ -39,6 +39,18 @@ def test_the_examples_of_the_issue_are_rejected(capsys):
     assert "--lr-zo: has no effect with --precision int8" in capsys.readouterr().err
 
 
+def test_int8_zo_shift_has_the_same_range_in_the_cli_and_in_python():
+    from elasticzo.int8 import IntElasticZO
+    low, high = config_module.INT8_ZO_SHIFTS
+    for shift in (low, -1, high):
+        TrainConfig(precision="int8", int8_zo_shift=shift).validate()  # -1: the best shift on the digits CNN
+    for shift in (low - 1, high + 1):
+        with pytest.raises(ValueError, match=f"--int8-zo-shift: must be in {low}..{high}, got {shift}"):
+            TrainConfig(precision="int8", int8_zo_shift=shift).validate()
+        with pytest.raises(ValueError, match=f"zo_shift={shift}"):
+            IntElasticZO([], [], zo_shift=shift)
+
+
 def test_the_split_follows_the_method():
     assert TrainConfig(method="bp").split(5) == 5 and TrainConfig(method="zo").split(5) == 0
     assert TrainConfig().split(5) == 1 and TrainConfig(bp_layers=3).split(5) == 3

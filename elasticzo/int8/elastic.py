@@ -44,6 +44,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from elasticzo.config import INT8_ZO_SHIFTS
 from elasticzo.instrument import memory_tag, phase
 from elasticzo.int8.layers import _WeightLayer
 from elasticzo.int8.sequential import IntSequential
@@ -52,7 +53,6 @@ from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturbed
 from elasticzo.zo.noise import derive_seed, layer_generator
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
-MIN_ZO_SHIFT = -8  # a step of up to 2**8 units at the mean |d|: as far as an int8 weight can move
 Closure = Callable[[bool], torch.Tensor]
 
 
@@ -88,8 +88,8 @@ class IntElasticZO(torch.optim.Optimizer):
     def __init__(self, zo_layers: list[_WeightLayer], bp_layers: list[_WeightLayer], *, eps: int = 1,
                  zo_shift: int = 4, mu: int = 3, seed: int = 0):
         _check("eps", eps, isinstance(eps, int) and 1 <= eps <= 127, "an integer in 1..127 (weight units)")
-        _check("zo_shift", zo_shift, isinstance(zo_shift, int) and MIN_ZO_SHIFT <= zo_shift <= 30,
-               f"an integer in {MIN_ZO_SHIFT}..30")
+        low, high = INT8_ZO_SHIFTS
+        _check("zo_shift", zo_shift, isinstance(zo_shift, int) and low <= zo_shift <= high, f"an integer in {low}..{high}")
         _check("mu", mu, isinstance(mu, int) and 1 <= mu <= 8, "an integer in 1..8 (bits)")
         if not zo_layers and not bp_layers:
             raise ValueError("IntElasticZO got no weight layers: both the ZO and the BP part are empty")
