@@ -38,7 +38,7 @@ from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, frozen_statis
                                      statistic_modules)
 from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
 from elasticzo.zo.noise import derive_seed, layer_axpy
-from elasticzo.zo.perturb import layer_entries, perturbed
+from elasticzo.zo.perturb import hooked_index, perturbed
 
 RMS_DECAY = 0.99
 LOW_PRECISION = (torch.float16, torch.bfloat16)  # ZO parameters of these dtypes get a float32 master copy
@@ -139,6 +139,7 @@ class ElasticZO(torch.optim.Optimizer):
         self._link_bp_optimizer()
         self._freeze(model, zo_ids, bp_ids)
         self.zo_layers = self.split.zo  # units: a module and the parameters its forward reads
+        self._zo_index: dict | None = None  # perturb.hooked_index(zo_layers), built at the first step
         self._zo_group_of = {id(p): g for g in self.param_groups if g["part"] == "zo" for p in g["params"]}
         for p in self._low_precision_zo():
             self.state[p]["master"] = p.detach().float()  # the ZO update accumulates here: steps below bf16's resolution add up
@@ -265,10 +266,16 @@ class ElasticZO(torch.optim.Optimizer):
                 for sign in (1, -1):
                     seed_rng(derive_seed(zo["seed"], t, j, DROPOUT_STREAM))
                     with frozen_statistics(self._stats, frozen=bool(losses)), \
-                            perturbed(self.zo_layers, keys.__getitem__, sign * eps, kind, source), \
+                            perturbed(self.zo_layers, keys.__getitem__, sign * eps, kind, source, self._hooked()), \
                             phase("forward_backward" if backward else "forward"):
                         losses.append(collect_pass(call, backward and (sign > 0 or not plus_only), bp_params, grads))
         return losses
+
+    def _hooked(self) -> dict:
+        """The ZO layers' ``hooked_index``: their hooks and (owner, name) entries, built once."""
+        if self._zo_index is None:
+            self._zo_index = hooked_index(self.zo_layers)
+        return self._zo_index
 
     def _check_finite(self, losses: list[torch.Tensor]) -> None:
         if self.nonfinite == "raise" and not bool(torch.isfinite(torch.stack(losses)).all()):
@@ -320,8 +327,7 @@ class ElasticZO(torch.optim.Optimizer):
                 torch._foreach_mul_([self._source(p) for p in group["params"]], zo_decay_factor(group["lr"], group["weight_decay"]))
         for j, g in enumerate(grads):
             coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
-            for i, layer in enumerate(self.zo_layers):
-                _, entries = layer_entries(layer)
+            for i, entries in self._hooked().values():
                 params = [owner._parameters[name] for owner, name in entries]
                 sources = [self._source(p) for p in params]
                 scales = [coefs[id(self._zo_group_of[id(p)])] for p in params]

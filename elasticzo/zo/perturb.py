@@ -51,20 +51,28 @@ _active: ContextVar[_Perturbation | None] = ContextVar("elasticzo_perturbation",
 _HOOKED = "_elasticzo_perturb_hooks"
 
 
-@contextmanager
-def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str,
-              source: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[None]:
-    """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i).
-
-    ``source(p)`` is the tensor perturbed in place of ``p`` (a float32 master copy of a float16 /
-    bfloat16 parameter): theta + scale z is formed in its precision, then cast to ``p``'s dtype."""
+def hooked_index(layers: list) -> dict[int, tuple[int, list]]:
+    """id(module) -> (position, (owner, name) entries) of ``layers``, their hooks installed: what a
+    ``perturbed`` block needs, built once by a caller that perturbs the same layers every pass."""
     index = {}
     for i, layer in enumerate(layers):
         module, entries = layer_entries(layer)
         if not hasattr(module, _HOOKED):
             setattr(module, _HOOKED, (module.register_forward_pre_hook(_swap_in), module.register_forward_hook(_swap_out)))
         index[id(module)] = (i, entries)
-    spec = _Perturbation(index, layer_seeds, scale, kind, source)
+    return index
+
+
+@contextmanager
+def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str,
+              source: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              index: dict[int, tuple[int, list]] | None = None) -> Iterator[None]:
+    """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i).
+
+    ``source(p)`` is the tensor perturbed in place of ``p`` (a float32 master copy of a float16 /
+    bfloat16 parameter): theta + scale z is formed in its precision, then cast to ``p``'s dtype.
+    ``index``: ``hooked_index(layers)``, if the caller keeps it (the optimiser: one per run)."""
+    spec = _Perturbation(hooked_index(layers) if index is None else index, layer_seeds, scale, kind, source)
     token = _active.set(spec)
     try:
         yield
