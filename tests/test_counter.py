@@ -19,7 +19,7 @@ from elasticzo.optim.closure import pass_rng
 from elasticzo.optim.elastic import ElasticZO
 from elasticzo.zo import native
 from elasticzo.zo.counter import GAUSS_SCALE, MAX_ELEMENTS, axpy, directions
-from elasticzo.zo.noise import layer_axpy, layer_noise
+from elasticzo.zo.noise import derive_seed, derive_seeds, layer_axpy, layer_noise
 
 FAST = settings(max_examples=60, deadline=None)
 KINDS = ("gaussian", "rademacher")
@@ -178,3 +178,26 @@ def test_the_torch_free_driver_prints_the_twins_digests(flags, tmp_path):
         a = float(torch.tensor(float(a), dtype=torch.float32))
         y = x_all[: int(n)] + directions(int(key), int(offset), int(n), KINDS[int(kind)]) * a
         assert fnv1a(y) == int(digest, 16), line
+
+
+def _splitmix_chain(*parts: int) -> int:
+    """derive_seed written out from its definition (SplitMix64 over seed, step, query, layer)."""
+    def mix(x):
+        x = (x + 0x9E3779B97F4A7C15) % 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        return x ^ (x >> 31)
+    h = mix(parts[0] % 2**64)
+    for part in parts[1:]:
+        h = mix(h ^ (part % 2**64))
+    return h >> 1
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(-2**63, 2**64 - 1), st.integers(0, 2**40), st.integers(0, 64),
+       st.lists(st.integers(0, 2**21), max_size=8))
+def test_derive_seeds_is_derive_seed_per_layer(seed, step, query, layers):
+    """The optimiser's one-prefix seeds are the per-layer seeds of the definition (replays depend on it)."""
+    want = [_splitmix_chain(seed, step, query, layer) for layer in layers]
+    assert derive_seeds(seed, step, query, layers) == want
+    assert [derive_seed(seed, step, query, layer) for layer in layers] == want

@@ -37,7 +37,7 @@ from elasticzo.instrument import phase
 from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, frozen_statistics, pass_caller, pass_rng,
                                      statistic_modules)
 from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
-from elasticzo.zo.noise import derive_seed, layer_axpy
+from elasticzo.zo.noise import derive_seeds, layer_axpy
 from elasticzo.zo.perturb import hooked_index, perturbed
 
 RMS_DECAY = 0.99
@@ -247,12 +247,13 @@ class ElasticZO(torch.optim.Optimizer):
         if self.reduce is not None:  # all passes ran, nothing is updated yet: replicas combine here
             reduced, grads = self.reduce(torch.stack(losses), grads, bp_params)
             losses = list(reduced.unbind())
-        self._check_finite(losses)
+        stacked = torch.stack(losses)
+        self._check_finite(stacked)
         if zo is not None:
             self._zo_apply(zo, losses)
         if bps:
             self._bp_update(bps, bp_params, grads, passes=1 if zo is None else len(losses) // (2 if zo["bp_grad"] == "plus" else 1))
-        return torch.stack(losses).mean()
+        return stacked.mean()
 
     def _zo_passes(self, zo: dict, call: Callable, bp_params: list, grads: list) -> list[torch.Tensor]:
         """The 2q perturbed losses [L+_0, L-_0, L+_1, ...]; BP gradients summed into ``grads``."""
@@ -262,9 +263,9 @@ class ElasticZO(torch.optim.Optimizer):
         losses = []
         with pass_rng(self._rng_devices) as seed_rng:
             for j in range(zo["queries"]):
-                keys = [derive_seed(zo["seed"], t, j, i) for i in range(len(self.zo_layers))]
+                *keys, dropout = derive_seeds(zo["seed"], t, j, [*range(len(self.zo_layers)), DROPOUT_STREAM])
                 for sign in (1, -1):
-                    seed_rng(derive_seed(zo["seed"], t, j, DROPOUT_STREAM))
+                    seed_rng(dropout)
                     with frozen_statistics(self._stats, frozen=bool(losses)), \
                             perturbed(self.zo_layers, keys.__getitem__, sign * eps, kind, source, self._hooked()), \
                             phase("forward_backward" if backward else "forward"):
@@ -277,8 +278,8 @@ class ElasticZO(torch.optim.Optimizer):
             self._zo_index = hooked_index(self.zo_layers)
         return self._zo_index
 
-    def _check_finite(self, losses: list[torch.Tensor]) -> None:
-        if self.nonfinite == "raise" and not bool(torch.isfinite(torch.stack(losses)).all()):
+    def _check_finite(self, losses: torch.Tensor) -> None:
+        if self.nonfinite == "raise" and not bool(torch.isfinite(losses).all()):
             step = self.param_groups[0]["step"]
             raise NonFiniteLoss(f"ElasticZO step {step}: the loss is not finite ({[float(x) for x in losses]}); no "
                                 "parameter was updated. Lower lr_zo/lr_bp or eps, or pass nonfinite='ignore' to skip such ZO steps")
@@ -327,11 +328,12 @@ class ElasticZO(torch.optim.Optimizer):
                 torch._foreach_mul_([self._source(p) for p in group["params"]], zo_decay_factor(group["lr"], group["weight_decay"]))
         for j, g in enumerate(grads):
             coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
+            keys = derive_seeds(zo["seed"], zo["step"], j, range(len(self.zo_layers)))
             for i, entries in self._hooked().values():
                 params = [owner._parameters[name] for owner, name in entries]
                 sources = [self._source(p) for p in params]
                 scales = [coefs[id(self._zo_group_of[id(p)])] for p in params]
-                layer_axpy(sources, derive_seed(zo["seed"], zo["step"], j, i), zo["noise"], scales, outs=sources)
+                layer_axpy(sources, keys[i], zo["noise"], scales, outs=sources)
         for p in self._low_precision_zo() if self._has_masters else []:
             p.copy_(self._source(p))
 

@@ -24,10 +24,16 @@ def _splitmix64(x: int) -> int:
 
 def derive_seed(seed: int, step: int, query: int = 0, layer: int = 0) -> int:
     """Seed for the direction of ``layer`` in query ``query`` of step ``step`` (63-bit, non-negative)."""
+    return derive_seeds(seed, step, query, (layer,))[0]
+
+
+def derive_seeds(seed: int, step: int, query: int, layers) -> list[int]:
+    """``[derive_seed(seed, step, query, l) for l in layers]``, mixing the shared prefix once
+    (a step of the optimiser derives one seed per layer and pass)."""
     h = _splitmix64(seed & _MASK64)
-    for part in (step, query, layer):
+    for part in (step, query):
         h = _splitmix64(h ^ (part & _MASK64))
-    return h >> 1  # torch.Generator.manual_seed wants a value that fits int64
+    return [_splitmix64(h ^ (layer & _MASK64)) >> 1 for layer in layers]  # >> 1: fits manual_seed's int64
 
 
 _generators: dict[torch.device, torch.Generator] = {}
