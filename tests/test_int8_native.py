@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from elasticzo.int8 import native, ops
+from elasticzo.int8.bias import accumulator_room
 from elasticzo.int8.format import QTensor, requantize_int32
 from elasticzo.int8.layers import IntConv2d, requantize_tiled
 
@@ -74,6 +75,53 @@ def test_fused_requantisation_equals_whole_accumulator(shape, fill_x, fill_w, se
     want = requantize_int32(acc, 0)
     values, shift = _ops().conv2d_requant(x, w, list(stride), list(padding))
     assert torch.equal(values, want.values) and int(shift) == int(want.exponent)
+
+
+def _edge_bias(o: int, kind: str, room: int, gen: torch.Generator) -> torch.Tensor:
+    """int32 [o]: at the saturation edges +-room (what a large bias becomes), alternating, or random within."""
+    if kind == "random":
+        return torch.randint(-room, room + 1, (o,), generator=gen, dtype=torch.int64).int()
+    edge = torch.full((o,), room, dtype=torch.int32)
+    return edge if kind == "+room" else (-edge if kind == "-room" else edge * (1 - 2 * (torch.arange(o) % 2)).int())
+
+
+@FAST
+@given(conv_shapes, st.sampled_from(FILLS), st.sampled_from(FILLS), st.sampled_from(("random", "+room", "-room", "alt")),
+       st.integers(0, 2**31))
+def test_fused_requantisation_with_bias_equals_whole_accumulator(shape, fill_x, fill_w, bias_kind, seed):
+    """acc + bias (saturated to the accumulator's room) requantised in one fused pass == the int64 reference."""
+    x, w, stride, padding = _conv_case(shape, fill_x, fill_w, seed)
+    bias = _edge_bias(w.shape[0], bias_kind, accumulator_room(w[0].numel()), torch.Generator().manual_seed(seed))
+    acc = F.conv2d(x.double(), w.double(), stride=stride, padding=padding).long() + bias.long().view(1, -1, 1, 1)
+    assert acc.abs().max() <= 2**31 - 1  # the room keeps the biased sum in int32
+    want = requantize_int32(acc, 0)
+    values, shift = _ops().conv2d_requant(x, w, list(stride), list(padding), bias)
+    assert torch.equal(values, want.values) and int(shift) == int(want.exponent)
+
+
+@FAST
+@given(conv_shapes, st.sampled_from(FILLS), st.sampled_from(FILLS), st.sampled_from(FILLS), st.integers(-30, 30),
+       st.integers(0, 2**31))
+def test_biased_conv_layer_native_equals_reference(shape, fill_x, fill_w, fill_b, shift, seed):
+    """IntConv2d with an int8 bias: the fused native forward == the portable reference forward, bit for bit,
+    over bias alignments from far right (rounded away) to far left (saturated to the room)."""
+    x, w, stride, padding = _conv_case(shape, fill_x, fill_w, seed)
+    w[w == -128] = -127  # NITI weights are symmetric
+    bias = _fill((w.shape[0],), fill_b, torch.Generator().manual_seed(seed + 1))
+    q = QTensor(x, -7)
+    results = []
+    for impl in ("reference", "native"):
+        with ops.matmul_impl(impl):
+            layer = IntConv2d(w, -6, stride=stride, padding=padding, bias=bias, bias_exponent=-13 + shift)
+            out = layer.forward(q, store=False)
+            results.append((out.values, int(out.exponent)))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def test_native_conv_rejects_a_bias_of_the_wrong_length():
+    x, w = torch.zeros(1, 1, 4, 4, dtype=torch.int8), torch.zeros(3, 1, 2, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match="2 entries"):
+        _ops().conv2d_requant(x, w, [1, 1], [0, 0], torch.zeros(2, dtype=torch.int32))
 
 
 @FAST

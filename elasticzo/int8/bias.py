@@ -48,11 +48,18 @@ def add_bias(acc: torch.Tensor, bias: torch.Tensor, bias_exponent: int, acc_expo
     """
     shape = [1] * acc.dim()
     shape[dim] = -1
-    aligned = align_bias(bias, bias_exponent, acc_exponent).view(shape)
+    if acc.dtype == torch.int32 and accumulator_room(fan_in):
+        return acc + int32_bias(bias, bias_exponent, acc_exponent, fan_in).view(shape)
+    return acc.to(torch.int64) + align_bias(bias, bias_exponent, acc_exponent).view(shape)
+
+
+def int32_bias(bias: torch.Tensor, bias_exponent: int, acc_exponent: Exponent, fan_in: int) -> torch.Tensor | None:
+    """The aligned bias saturated to the int32 accumulator's room, as ``add_bias`` adds it (and the fused
+    native conv, which adds it before its requantisation); None where the sum must be int64."""
     room = accumulator_room(fan_in)
-    if acc.dtype == torch.int32 and room:
-        return acc + aligned.clamp_(-room, room).to(torch.int32)
-    return acc.to(torch.int64) + aligned
+    if not room:
+        return None
+    return align_bias(bias, bias_exponent, acc_exponent).clamp_(-room, room).to(torch.int32)
 
 
 def bias_gradient(grad: torch.Tensor, dim: int) -> torch.Tensor:

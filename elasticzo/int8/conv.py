@@ -71,15 +71,17 @@ def _native_conv(impl: str | None, x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and _resolve(impl, x.device, "conv") == "native"
 
 
-def int8_conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str | None = None):
-    """(int8 values, 0-dim int64 shift) of ``requantize_int32(int8_conv2d(...))`` in one fused native
+def int8_conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, impl: str | None = None,
+                        bias: torch.Tensor | None = None):
+    """(int8 values, 0-dim int64 shift) of ``requantize_int32(int8_conv2d(...) + bias)`` in one fused native
     call that holds one image's int32 accumulator at a time; None where the native path is not used.
+    ``bias``: int32 [O], aligned and saturated as ``int8.bias.int32_bias`` makes it.
 
     Not inside a micro-batched pass: the kernel takes the shift from the images it is given,
     there it must be the whole batch's (``int8.shiftplan``), so the unfused path runs instead."""
     if planning() or not _native_conv(impl, x):
         return None
-    return native_ops.OPS.conv2d_requant(x, w, list(_pair(stride)), list(_pair(padding)))
+    return native_ops.OPS.conv2d_requant(x, w, list(_pair(stride)), list(_pair(padding)), bias)
 
 
 def int8_conv2d_grad_input_requant(g: torch.Tensor, w: torch.Tensor, input_shape, stride=1, padding=0,

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from elasticzo.int8 import native, native_ops
-from elasticzo.int8.bias import add_bias, bias_gradient
+from elasticzo.int8.bias import add_bias, bias_gradient, int32_bias
 from elasticzo.int8.format import Exponent, QTensor, requantize_int32
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import requantize_shift
@@ -126,11 +126,17 @@ class _WeightLayer(IntLayer):
         if self.bias is not None:
             self._bias_exponent = int(self.bias_exponent)
 
-    def _biased(self, acc: torch.Tensor, exponent: Exponent, dim: int) -> torch.Tensor:
-        """The accumulator plus the bias (perturbed while ``bias_perturbation`` is set); unchanged without one."""
-        if self.bias is None:
+    def _current_bias(self) -> torch.Tensor | None:
+        """The bias this pass uses (perturbed while ``bias_perturbation`` is set); None without one."""
+        if self.bias is None or self.bias_perturbation is None:
+            return self.bias
+        return self.bias_perturbation()
+
+    def _biased(self, acc: torch.Tensor, exponent: Exponent, dim: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The accumulator plus ``bias`` (default: ``_current_bias()``); unchanged without one."""
+        bias = self._current_bias() if bias is None else bias
+        if bias is None:
             return acc
-        bias = self.bias if self.bias_perturbation is None else self.bias_perturbation()
         return add_bias(acc, bias, self._bias_exponent, exponent, self.weight[0].numel(), dim)
 
     def _keep_bias_grad(self, grad: torch.Tensor, dim: int) -> None:
@@ -211,16 +217,25 @@ class IntConv2d(_WeightLayer):
         self._input = x if store else None
         w = self._weight(weight)
         exponent = x.exponent + self.weight_exponent
-        if self.bias is None:
-            fused = int8_conv2d_requant(x.values, w, self.stride, self.padding)  # native: one image's int32 at a time
-            if fused is not None:
-                return QTensor(fused[0], exponent + fused[1])
-        conv = lambda lo, hi: self._biased(int8_conv2d(x.values[lo:hi], w, self.stride, self.padding), exponent, 1)
+        bias = self._current_bias()  # once per pass: a perturbed bias is regenerated on each call
+        fused = self._fused_forward(x.values, w, bias, exponent)
+        if fused is not None:
+            return fused
+        conv = lambda lo, hi: self._biased(int8_conv2d(x.values[lo:hi], w, self.stride, self.padding), exponent, 1, bias)
         if self.tile and x.shape[0] > self.tile:
             return requantize_tiled(conv, x.shape[0], self.tile, exponent)
         acc = conv(0, x.shape[0])  # channels-last strides
         out = requantize_int32(acc, exponent)
         return QTensor(out.values.contiguous(), out.exponent)  # copy the int8 result, not the int32 one
+
+    def _fused_forward(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, exponent: Exponent):
+        """The native fused conv (+ int32 bias) + requantisation, one image's int32 at a time; None where it does
+        not run (not native, or a bias whose sum needs int64)."""
+        b32 = None if bias is None else int32_bias(bias, self._bias_exponent, exponent, self.weight[0].numel())
+        if bias is not None and b32 is None:
+            return None
+        fused = int8_conv2d_requant(x, w, self.stride, self.padding, bias=b32)
+        return None if fused is None else QTensor(fused[0], exponent + fused[1])
 
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         x = self._saved_input()

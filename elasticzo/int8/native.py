@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger("elasticzo.int8")
 SOURCE = Path(__file__).with_name("kernels") / "ezo_int8.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -92,7 +92,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_gemm_nt": ([_I64, _I64, _I64, _P, _I64, _P, _I64, _P, _I64, _P], None),
         "ezo_conv2d_workspace": ([_P], _I64),
         "ezo_conv2d": ([_I64, _P, _P, _P, _P, _P], None),
-        "ezo_conv2d_requant": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P], _I64),
+        "ezo_conv2d_requant": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P], _I64),
         "ezo_requant_bits_bytes": ([_I64, _I64], _I64),
         "ezo_conv2d_grad_weight_workspace": ([_P], _I64),
         "ezo_conv2d_grad_weight": ([_I64, _P, _P, _P, _P, _P, _P], None),

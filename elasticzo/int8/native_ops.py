@@ -67,9 +67,17 @@ def _conv2d(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[i
     return out
 
 
-def _conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int]):
-    """(int8 [B, O, OH, OW], int64 shift): the conv requantised, one image's int32 accumulator at a time."""
+def _conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding: list[int],
+                    bias: torch.Tensor | None = None):
+    """(int8 [B, O, OH, OW], int64 shift): the conv requantised, one image's int32 accumulator at a time.
+
+    ``bias``: optional int32 [O] added to the accumulator before the requantisation, already aligned
+    and clamped to the accumulator's room by the caller (``int8.bias.int32_bias``)."""
     x, w = _need(x, torch.int8, 4, "x"), _need(w, torch.int8, 4, "w")
+    if bias is not None:
+        bias = _need(bias, torch.int32, 1, "bias")
+        if bias.shape[0] != w.shape[0]:
+            raise ValueError(f"conv bias has {bias.shape[0]} entries, weight has {w.shape[0]} output channels")
     shape, oh, ow = _conv_shape(x, w, stride, padding)
     out = torch.empty(x.shape[0], w.shape[0], oh, ow, dtype=torch.int8)
     n, lib = w.shape[0] * oh * ow, native.lib()
@@ -77,7 +85,8 @@ def _conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding
     bits = _workspace(lib.ezo_requant_bits_bytes(x.shape[0], n))  # one rounding bit per output
     shifts = torch.empty(x.shape[0], dtype=torch.int64)
     work, p = _workspace(lib.ezo_conv2d_workspace(shape)), native.ptr
-    s = lib.ezo_conv2d_requant(x.shape[0], shape, p(x), p(w), p(out), p(scratch), p(bits), p(shifts), p(work))
+    b = None if bias is None else p(bias)
+    s = lib.ezo_conv2d_requant(x.shape[0], shape, p(x), p(w), b, p(out), p(scratch), p(bits), p(shifts), p(work))
     return out, torch.tensor(s, dtype=torch.int64)
 
 
@@ -257,7 +266,8 @@ def _cross_entropy(q: torch.Tensor, exponent: int, target: torch.Tensor, pow_hi:
 
 _register("gemm_nt(Tensor a, Tensor b) -> Tensor", _gemm_nt)
 _register("conv2d(Tensor x, Tensor w, int[] stride, int[] padding) -> Tensor", _conv2d)
-_register("conv2d_requant(Tensor x, Tensor w, int[] stride, int[] padding) -> (Tensor, Tensor)", _conv2d_requant)
+_register("conv2d_requant(Tensor x, Tensor w, int[] stride, int[] padding, Tensor? bias=None) -> (Tensor, Tensor)",
+          _conv2d_requant)
 _register("conv2d_grad_weight(Tensor g, Tensor x, int[] weight_shape, int[] stride, int[] padding) -> Tensor",
           _conv2d_grad_weight)
 _register("conv2d_grad_input_requant(Tensor g, Tensor w, int[] input_shape, int[] padding) -> (Tensor, Tensor)",

@@ -61,11 +61,23 @@ static int8_t naive_narrow(int64_t acc, int64_t S) {
     return (int8_t)(r > 127 ? 127 : (r < -127 ? -127 : r));
 }
 
-static int check_conv(const int64_t *shape, int64_t B, int fx, int fw) {
+/* An int32 bias [O] as int8.bias.int32_bias leaves it: within +-room = INT32_MAX - K * 128**2, here at
+ * the edges (+room, -room, alternating) or random; NULL for fill 0 (the unbiased kernel). */
+static int32_t *conv_bias(int64_t O, int64_t K, int fill) {
+    if (fill == 0) return NULL;
+    int32_t *bias = malloc(O * 4 + 4), room = (int32_t)(2147483647 - K * 16384);
+    for (int64_t o = 0; o < O; o++) {
+        int32_t r = (int32_t)((uint32_t)(uint8_t)draw(0) << 23 | (uint32_t)(uint8_t)draw(0) << 8) % room;
+        bias[o] = fill == 1 ? room : (fill == 2 ? -room : (fill == 3 ? (o % 2 ? -room : room) : r));
+    }
+    return bias;
+}
+
+static int check_conv(const int64_t *shape, int64_t B, int fx, int fw, int fill_bias) {
     ezo_conv_shape s = conv_shape(shape);
     int64_t nx = B * s.C * s.H * s.W, n = s.O * s.N, top = 0, bad = 0;
     int8_t *x = malloc(nx + 1), *w = malloc(s.O * s.K + 1), *out = malloc(B * n + 1);
-    int32_t *acc = malloc(B * n * 4 + 4), *scratch = malloc(n * 4 + 4);
+    int32_t *acc = malloc(B * n * 4 + 4), *scratch = malloc(n * 4 + 4), *bias = conv_bias(s.O, s.K, fill_bias);
     int64_t *want = malloc(B * n * 8 + 8), *shifts = malloc(B * 8);
     uint8_t *bits = malloc(ezo_requant_bits_bytes(B, n) + 1);
     void *work = malloc(ezo_conv2d_workspace(shape) + 64);
@@ -75,16 +87,16 @@ static int check_conv(const int64_t *shape, int64_t B, int fx, int fw) {
     for (int64_t b = 0; b < B; b++)
         for (int64_t o = 0; o < s.O; o++)
             for (int64_t p = 0; p < s.N; p++) {
-                int64_t v = naive_conv(&s, x, w, b, o, p / s.OW, p % s.OW);
+                int64_t v = naive_conv(&s, x, w, b, o, p / s.OW, p % s.OW) + (bias ? bias[o] : 0);
                 want[(b * s.O + o) * s.N + p] = v;
                 top = (v < 0 ? -v : v) > top ? (v < 0 ? -v : v) : top;
             }
     ezo_conv2d(B, shape, x, w, acc, work);
-    for (int64_t i = 0; i < B * n; i++) bad |= acc[i] != want[i];
-    int64_t S = ezo_conv2d_requant(B, shape, x, w, out, scratch, bits, shifts, work);
-    bad |= S != shift_for(top);
+    for (int64_t i = 0; i < B * n; i++) bad |= acc[i] + (bias ? bias[(i / s.N) % s.O] : 0) != want[i];
+    int64_t S = ezo_conv2d_requant(B, shape, x, w, bias, out, scratch, bits, shifts, work);
+    bad |= top > 2147483647 || S != shift_for(top);
     for (int64_t i = 0; i < B * n; i++) bad |= out[i] != naive_narrow(want[i], S);
-    free(x); free(w); free(out); free(acc); free(scratch); free(want); free(shifts); free(bits); free(work);
+    free(x); free(w); free(out); free(acc); free(scratch); free(want); free(shifts); free(bits); free(work); free(bias);
     return (int)bad;
 }
 
@@ -244,7 +256,7 @@ int main(void) {
             for (size_t i = 0; i < sizeof gemms / sizeof gemms[0]; i++, cases++)
                 failures += check_gemm(gemms[i][0], gemms[i][1], gemms[i][2], fa, fb);
             for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++, cases++)
-                failures += check_conv(convs[i], 3, fa, fb);
+                failures += check_conv(convs[i], 3, fa, fb, (fa + fb + (int)i) % 5);  /* every bias fill on each shape */
         }
     for (int fx = 0; fx < 5; fx++)
         for (size_t i = 0; i < sizeof convs / sizeof convs[0]; i++, cases++)

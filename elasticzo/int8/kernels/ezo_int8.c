@@ -345,17 +345,25 @@ static void narrow_final(int64_t n, int8_t *out, const uint8_t *bits, int64_t sb
 
 EZO_API int64_t ezo_requant_bits_bytes(int64_t B, int64_t n) { return B * ((n + 7) / 8); }
 
-/* Fused conv + requantisation in ONE pass over the images, holding one image's int32 accumulator
- * (`scratch`, O*OH*OW int32) and a bit plane (`bits`, ezo_requant_bits_bytes): each image is
- * narrowed by its own shift at once, then all are brought to the common shift. Returns the shift. */
-EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t *x, const int8_t *w, int8_t *out,
-                                   int32_t *scratch, uint8_t *bits, int64_t *shifts, void *work) {
+/* acc[O, N] += bias[o] per output channel. The caller aligned the bias to the accumulator's exponent and
+ * clamped it to the room the accumulator leaves in int32 (int8.bias.add_bias), so no sum wraps. */
+static void add_channel_bias(int64_t O, int64_t N, int32_t *acc, const int32_t *bias) {
+    for (int64_t o = 0; o < O; o++)
+        for (int64_t p = 0; p < N; p++) acc[o * N + p] += bias[o];
+}
+
+/* Fused conv (+ optional int32 bias, NULL: none) + requantisation in ONE pass over the images, holding
+ * one image's int32 accumulator (`scratch`, O*OH*OW int32) and a bit plane (`bits`, ezo_requant_bits_bytes):
+ * each image is narrowed by its own shift at once, then all are brought to the common shift. Returns the shift. */
+EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t *x, const int8_t *w, const int32_t *bias,
+                                   int8_t *out, int32_t *scratch, uint8_t *bits, int64_t *shifts, void *work) {
     ezo_conv_shape s = conv_shape(shape);
     conv_work cw = conv_split(&s, work);
     int64_t in = s.C * s.H * s.W, n = s.O * s.N, nb = (n + 7) / 8, S = 0;
     conv_prepare(&s, w, &cw);
     for (int64_t b = 0; b < B; b++) {
         conv_image(&s, x + b * in, w, scratch, &cw);
+        if (bias) add_channel_bias(s.O, s.N, scratch, bias);
         shifts[b] = shift_for(absmax32(n, scratch));
         narrow_provisional(n, scratch, shifts[b], out + b * n, bits + b * nb);
         S = shifts[b] > S ? shifts[b] : S;
@@ -523,7 +531,7 @@ EZO_API void ezo_cross_entropy(int64_t B, int64_t C, const int8_t *q, int64_t ex
     }
 }
 
-EZO_API int ezo_abi_version(void) { return 4; }
+EZO_API int ezo_abi_version(void) { return 5; }
 
 #include "ezo_int8_backward.c"  /* conv weight gradient, pool routing, ReLU mask, NITI update */
 
