@@ -70,6 +70,14 @@ def test_the_highest_counters_and_the_range_check():
         axpy(torch.zeros(3), 5, 0, "uniform", 1.0)
 
 
+def test_a_mismatched_out_is_refused_before_anything_is_written():
+    buf = torch.zeros(2000)
+    for out in (buf[:10], buf[:1000].double(), buf[:1000].view(10, 100)):
+        with pytest.raises(ValueError, match="must match"):
+            axpy(torch.randn(1000), 5, 0, "gaussian", 1.0, out=out)
+    assert not buf.any()  # the native kernel would have written 1000 entries from buf[0]
+
+
 @given(KEYS, st.integers(0, 3000), st.integers(0, 200), st.integers(0, 200), st.sampled_from(KINDS))
 @FAST
 def test_a_slice_is_the_slice_of_the_whole(key, offset, head, n, kind):

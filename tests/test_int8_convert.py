@@ -12,7 +12,7 @@ from torch import nn
 
 from elasticzo.int8 import IntElasticZO, QTensor, convert, dequantize, loss_closure, quantize
 from elasticzo.int8.audit import DtypeAudit
-from elasticzo.int8.bias import accumulator_room, add_bias
+from elasticzo.int8.bias import MAX_LEFT_SHIFT, accumulator_room, add_bias
 from elasticzo.int8.blocks import IntGlobalAvgPool2d, add_aligned
 from elasticzo.int8.fold import folded
 from elasticzo.int8.graph import IntGraph
@@ -107,9 +107,59 @@ def test_bias_is_added_in_the_accumulator_scale_and_saturates(acc, bias, eb, ea,
     room = accumulator_room(fan_in)
     for g, a, b in zip(got[0].tolist(), acc, bias):  # Python ints: the rule written out
         d = eb - ea
-        aligned = b * 2 ** min(d, 40) if d >= 0 else (b + 2 ** (-d - 1)) >> -d  # round half up
+        aligned = b * 2 ** min(d, MAX_LEFT_SHIFT) if d >= 0 else (b + 2 ** (-d - 1)) >> -d  # round half up
         assert g == a + (max(-room, min(room, aligned)) if room else aligned)
     assert got.dtype == (torch.int32 if room else torch.int64)
+
+
+def test_a_bias_far_above_an_int64_accumulator_keeps_its_scale():
+    """Past 2**17 products the sum is int64 and nothing clamps: the alignment itself must be exact
+    (it was capped at 2**40, so a bias 2**50 units up came out 2**10 times too small)."""
+    got = add_bias(torch.zeros(1, 2, dtype=torch.int64), torch.tensor([1, -1], dtype=torch.int8), 50, 0, 200_000, -1)
+    assert got.tolist() == [[2**50, -(2**50)]]
+
+
+class _ResidualSequential(nn.Sequential):
+    def forward(self, x):
+        return x + super().forward(x)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.relu(self.fc(x))
+
+
+class _PointPool(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from elasticzo.models.pointnet import GlobalMaxPool
+        self.fc1, self.pool, self.fc2 = nn.Linear(3, 8), GlobalMaxPool(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc2(self.pool(torch.relu(self.fc1(x))))
+
+
+@pytest.mark.parametrize("model,adds", [
+    (nn.Sequential(nn.Flatten(), nn.Linear(16, 16), _ResidualSequential(nn.Linear(16, 16), nn.ReLU()), nn.Linear(16, 4)), 1),
+    (nn.Sequential(nn.Flatten(), nn.Linear(16, 16), _Block(), nn.Linear(16, 4)), 1),
+    (_PointPool(), 0),
+])
+def test_a_sequential_with_its_own_forward_or_block_is_traced_not_flattened(model, adds):
+    """A Sequential subclass's forward (a residual) or a custom block inside a Sequential is
+    traced, not flattened away; the engine's own GlobalMaxPool stays one node in a trace."""
+    torch.manual_seed(0)
+    net = convert(model)
+    assert isinstance(net, IntGraph) == (adds > 0 or not isinstance(model, nn.Sequential))
+    assert sum(type(layer).__name__ == "IntAdd" for layer in net.layers) == adds
+    x = torch.randn(32, 1, 4, 4) if isinstance(model, nn.Sequential) else torch.randn(32, 16, 3)
+    with torch.no_grad():
+        want = model(x)
+    got = dequantize(net(quantize(x)))
+    assert (got - want).norm() / want.norm() < 0.1  # quantisation error only, not a dropped residual
 
 
 def test_global_average_pool_rounds_to_nearest():

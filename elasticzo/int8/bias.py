@@ -20,7 +20,7 @@ from elasticzo.int8.format import Exponent
 from elasticzo.int8.rounding import shift_round_nearest
 
 INT32_MAX = 2**31 - 1
-MAX_LEFT_SHIFT = 40  # 127 * 2**40 < 2**47: any larger alignment saturates anyway
+MAX_LEFT_SHIFT = 54  # 127 * 2**54 < 2**61: room for an int64 sum of 2**40 products; a larger alignment saturates
 PRODUCT_MAX = 128 * 128  # |int8 x int8| bound, also for a caller's -128
 
 

@@ -79,7 +79,7 @@ def convert(model: nn.Module, drop_bias: bool = False, *, init: torch.Generator 
     leaf = lambda path, m, bn=None: convert_leaf(path, m, bias_rule, bn)
     if isinstance(model, CONVERTIBLE):
         model = nn.Sequential(model)  # one layer: a chain of one
-    if isinstance(model, nn.Sequential):
+    if _is_chain(model):
         net = IntSequential(*[leaf(*entry) for entry in _folded_chain(_leaves(model))])
     else:
         from elasticzo.int8.graph import convert_graph  # fx is imported only for non-Sequential models
@@ -91,6 +91,16 @@ def convert(model: nn.Module, drop_bias: bool = False, *, init: torch.Generator 
             layer.weight = _init_weight(layer.weight.shape, init).to(layer.weight.device)
             layer.weight_exponent = INIT_EXPONENT
     return net
+
+
+def _is_chain(model: nn.Module) -> bool:
+    """True if ``model`` computes a plain chain of convertible layers: nested ``nn.Sequential``s
+    that keep ``Sequential.forward`` (a subclass with its own forward, e.g. a residual, or a
+    custom block inside is not a chain: ``convert_graph`` traces its forward instead)."""
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return False
+    return all(_is_chain(child) if isinstance(child, nn.Sequential) else isinstance(child, CONVERTIBLE)
+               for child in model.children())
 
 
 def _leaves(model: nn.Sequential, prefix: str = "") -> list[tuple[str, nn.Module]]:

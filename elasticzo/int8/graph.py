@@ -1,7 +1,7 @@
 """Integer networks that are not a chain: a float ``nn.Module`` traced by ``torch.fx`` into an ``IntGraph``.
 
 A residual block is not an ``nn.Sequential``: its forward reads one tensor twice and adds two.
-``convert_graph`` traces the float model's forward once (``torch.fx.symbolic_trace``), maps
+``convert_graph`` traces the float model's forward once (``torch.fx``, convertible modules kept whole), maps
 every node to an integer layer (modules through ``convert.convert_leaf``, ``+`` of two tensors
 to ``IntAdd``), folds each BatchNorm into the
 conv or linear whose only reader it is, and drops Dropout/Identity. The result runs its nodes in
@@ -94,13 +94,21 @@ class IntGraph(nn.Module):
 def convert_graph(model: nn.Module, leaf: LeafFn) -> IntGraph:
     """Trace ``model`` and convert it node by node; ``leaf(path, module, bn=None)`` converts a module."""
     try:
-        traced = fx.symbolic_trace(model)
+        traced = fx.GraphModule(model, _Tracer().trace(model))
     except Exception as err:  # fx raises several types for data-dependent control flow
         raise ValueError(
             f"convert: torch.fx cannot trace {type(model).__name__}.forward ({type(err).__name__}: {err}); "
             "write the model as an nn.Sequential, or remove the data-dependent control flow from its forward"
         ) from err
     return _Builder(traced, leaf).build()
+
+
+class _Tracer(fx.Tracer):
+    """fx's tracer, but the modules ``convert_leaf`` maps stay one node (fx would trace into a
+    custom one such as ``GlobalMaxPool`` and meet operations with no integer form)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, CONVERTIBLE) or super().is_leaf_module(m, qualname)
 
 
 class _Builder:

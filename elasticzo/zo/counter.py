@@ -100,7 +100,11 @@ def axpy(x: torch.Tensor, key: int, offset: int, kind: str, a, out: torch.Tensor
     the native kernel when it loads; everything else (CUDA, other dtypes, ``ELASTICZO_NATIVE=0``)
     through ``directions``, a chunk at a time.
     """
-    out = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif (out.shape, out.dtype, out.device) != (x.shape, x.dtype, x.device):
+        raise ValueError(f"axpy: out is {tuple(out.shape)} {out.dtype} on {out.device}, x is {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}; they must match (the kernel writes x.numel() entries into out)")
     code, n = kind_code(kind), x.numel()
     _check_range(offset, n)
     kernel = _native().kernel_for(x, out)
