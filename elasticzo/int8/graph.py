@@ -98,7 +98,8 @@ def convert_graph(model: nn.Module, leaf: LeafFn) -> IntGraph:
     except Exception as err:  # fx raises several types for data-dependent control flow
         raise ValueError(
             f"convert: torch.fx cannot trace {type(model).__name__}.forward ({type(err).__name__}: {err}); "
-            "write the model as an nn.Sequential, or remove the data-dependent control flow from its forward"
+            "write the model as an nn.Sequential, or remove the data-dependent control flow from its forward "
+            "(an input check can move to a forward pre-hook, which tracing does not run)"
         ) from err
     return _Builder(traced, leaf).build()
 

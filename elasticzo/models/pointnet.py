@@ -41,6 +41,15 @@ class GlobalMaxPool(nn.Module):
         return x.max(dim=1).values
 
 
+def _check_points(net: "PointNet", args: tuple) -> None:
+    """PointNet takes [B, N, in_features]; a [B, 3, N] batch gets a hint to transpose it."""
+    x = args[0]
+    if x.dim() != 3 or x.shape[-1] != net.in_features:
+        raise ValueError(f"PointNet takes point clouds [B, N, {net.in_features}], got shape {tuple(x.shape)}"
+                         + (" (transpose a [B, 3, N] batch with x.transpose(1, 2))"
+                            if x.dim() == 3 and x.shape[1] == net.in_features else ""))
+
+
 class PointNet(nn.Sequential):
     """Shared per-point MLP - global max pool - FC head. Input [B, N, in_features] (N may vary).
 
@@ -72,6 +81,7 @@ class PointNet(nn.Sequential):
             layers += [nn.Linear(a, b, bias=bias), nn.ReLU(inplace=True)]  # [B, b]
         layers.append(nn.Linear(widths[-1], num_classes, bias=bias))  # [B, num_classes]
         super().__init__(*layers)
+        self.register_forward_pre_hook(_check_points)  # a hook, not a forward: the model stays a plain chain for int8.convert
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -81,10 +91,3 @@ class PointNet(nn.Sequential):
                 nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 3 or x.shape[-1] != self.in_features:
-            raise ValueError(f"PointNet takes point clouds [B, N, {self.in_features}], got shape {tuple(x.shape)}"
-                             + (" (transpose a [B, 3, N] batch with x.transpose(1, 2))"
-                                if x.dim() == 3 and x.shape[1] == self.in_features else ""))
-        return super().forward(x)
