@@ -68,7 +68,7 @@ def pass_rng(devices: list[int]) -> Iterator[Callable[[int], None]]:
 
 @contextmanager
 def frozen_statistics(modules: list[nn.Module], frozen: bool) -> Iterator[None]:
-    """If ``frozen``: the running statistics of ``modules`` (BatchNorm) are the same after the block."""
+    """If ``frozen``: the buffers of ``modules`` (BatchNorm running statistics) are the same after the block."""
     saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)] if frozen else []
     try:
         yield

@@ -244,10 +244,10 @@ class ElasticZO(torch.optim.Optimizer):
         if not self._order_checked:  # first step of a split in registration order: check the forward agrees
             check_order(self.split, ran)
             self._order_checked = True
-        if self.reduce is not None:  # all passes ran, nothing is updated yet: replicas combine here
-            reduced, grads = self.reduce(torch.stack(losses), grads, bp_params)
-            losses = list(reduced.unbind())
         stacked = torch.stack(losses)
+        if self.reduce is not None:  # all passes ran, nothing is updated yet: replicas combine here
+            stacked, grads = self.reduce(stacked, grads, bp_params)
+            losses = list(stacked.unbind())
         self._check_finite(stacked)
         if zo is not None:
             self._zo_apply(zo, losses)

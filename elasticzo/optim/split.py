@@ -28,6 +28,8 @@ from typing import Callable, Iterable, Iterator, Union
 import torch
 from torch import nn
 
+from elasticzo.optim.closure import frozen_statistics
+
 BPSpec = Union[nn.Module, str, Callable[[str, nn.Parameter], bool], Iterable[Union[nn.Module, str]]]
 
 
@@ -63,16 +65,13 @@ def _param_names(model: nn.Module) -> dict[int, str]:
 @contextmanager
 def _untouched(model: nn.Module) -> Iterator[None]:
     """A traced pass leaves no trace: buffers (BatchNorm statistics), RNG and requires_grad restored."""
-    buffers = [(b, b.clone()) for b in model.buffers()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    devices = sorted({b.device.index or 0 for b, _ in buffers + flags if b.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
+    tensors = [p for p, _ in flags] + list(model.buffers())
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), frozen_statistics(list(model.modules()), frozen=True):
         try:
             yield
         finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
             for p, flag in flags:
                 p.requires_grad_(flag)
 
