@@ -49,7 +49,7 @@ from elasticzo.instrument import memory_tag, phase
 from elasticzo.int8.layers import _WeightLayer
 from elasticzo.int8.sequential import IntSequential
 from elasticzo.int8.rounding import bitlength
-from elasticzo.int8.update import CARRY_BITS, int8_noise, niti_update, perturbed_weight, zo_update_
+from elasticzo.int8.update import CARRY_BITS, niti_update, perturbed_weight, zo_update_
 from elasticzo.zo.noise import derive_seed, layer_generator
 
 EMA_SHIFT = 4  # running mean of |d| with decay 1 - 1/16
@@ -194,11 +194,6 @@ class IntElasticZO(torch.optim.Optimizer):
         tensor = _tensors(self.zo_layers)[index][1] if tensor is None else tensor
         with memory_tag("zo_noise"):
             return perturbed_weight(tensor, self._generator(zo, index, tensor.device), sign * zo["eps"])
-
-    def _direction(self, zo: dict, index: int) -> torch.Tensor:
-        """z of ZO tensor ``index`` at this step, regenerated from its seed (never stored)."""
-        with memory_tag("zo_noise"):
-            return int8_noise(_tensors(self.zo_layers)[index][1].shape, self._generator(zo, index))
 
     @contextmanager
     def _perturbed(self, zo: dict, sign: int) -> Iterator[None]:

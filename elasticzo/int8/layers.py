@@ -177,7 +177,8 @@ class IntLinear(_WeightLayer):
         exponent = x.exponent + self.weight_exponent
         if x.values.dim() == 2:
             return requantize_int32(self._biased(int8_linear(x.values, w), exponent, -1), exponent)  # [B, out]
-        rows = lambda lo, hi: self._biased(_per_point_linear(x.values[lo:hi], w), exponent, -1)  # [hi - lo, N, out]
+        bias = self._current_bias()  # perturbed once per pass, not once per tile
+        rows = lambda lo, hi: self._biased(_per_point_linear(x.values[lo:hi], w), exponent, -1, bias)  # [hi - lo, N, out]
         if self.tile and x.shape[0] > self.tile:
             return requantize_tiled(rows, x.shape[0], self.tile, exponent)
         return requantize_int32(rows(0, x.shape[0]), exponent)

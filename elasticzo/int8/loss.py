@@ -43,6 +43,7 @@ import torch
 
 from elasticzo.int8 import native, native_ops
 from elasticzo.int8.format import QTensor
+from elasticzo.int8.inputs import quantize_input
 from elasticzo.int8.rounding import bitlength_each, saturate_int8, shift_round_nearest
 
 LOG2E_BITS = 30
@@ -226,6 +227,8 @@ def loss_closure(model, x: torch.Tensor, target: torch.Tensor):
     a float closure calls ``loss.backward()``. ``x`` is a QTensor or a batch the model
     quantises at its boundary (uint8 pixels, int8 points).
     """
+    x = quantize_input(x)  # once, not in every pass
+
     def closure(backward: bool = True) -> torch.Tensor:
         logits = model(x)
         if not backward:
