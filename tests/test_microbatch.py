@@ -13,8 +13,10 @@ from hypothesis import given, settings, strategies as st
 from elasticzo.config import TrainConfig
 from elasticzo.data.loader import BatchLoader
 from elasticzo.data.stream import StreamedBatch
-from elasticzo.int8 import IntConv2d, IntElasticZO, convert, int8_noise, perturb_weight, requantize_int32, zo_update
-from elasticzo.int8.microbatch import chunk_bounds, micro_batched_loss_closure, run_chunked
+from elasticzo.int8 import (IntConv2d, IntElasticZO, IntLinear, QTensor, convert, int8_noise, perturb_weight,
+                            requantize_int32, zo_update)
+from elasticzo.int8.microbatch import chunk_bounds, micro_batched_loss_closure, run_chunked, summed_gradients
+from elasticzo.int8.ops import MAX_INT32_TERMS, matmul_impl
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import ProbeDone, ShiftPlan, active
 from elasticzo.int8.update import perturbed_weight, zo_update_
@@ -125,6 +127,63 @@ def test_int8_first_micro_batched_step_of_a_process_is_bit_identical():
     out = subprocess.run([sys.executable, "-c", FIRST_STEP], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "True"
+
+
+def gradients(layer, x, g, micro: int):
+    """(grad_acc, bias_grad) of ``layer`` for input ``x`` and error ``g``: one pass, or summed over chunks."""
+    bounds = chunk_bounds(x.shape[0], micro) if micro else [(0, x.shape[0])]
+    with summed_gradients([layer] if micro else []):
+        layer.grad_acc = layer.bias_grad = None
+        for lo, hi in bounds:
+            layer(QTensor(x[lo:hi], torch.tensor(0)), store=True)
+            layer.backward(QTensor(g[lo:hi], torch.tensor(-3)), input_grad=False)
+    return layer.grad_acc, layer.bias_grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(conv=st.booleans(), batch=st.integers(1, 9), micro=st.integers(1, 9), rows=st.integers(1, 20),
+       bias=st.booleans(), impl=st.sampled_from(["auto", "reference"]), seed=st.integers(0, 2**16))
+def test_chunk_gradients_summed_in_place_equal_the_whole_pass(conv, batch, micro, rows, bias, impl, seed):
+    """Each chunk's product is added to the sum in tiles of output rows (several tiles here: a row
+    is 1-2 KiB of int32): the same integers, and the dtype, as the unchunked product."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+    b = rand(rows) if bias else None
+    if conv:
+        layer, x, g = IntConv2d(rand(rows, 48, 3, 3), -7, padding=1, bias=b), rand(batch, 48, 4, 4), rand(batch, rows, 4, 4)
+    else:
+        layer, x, g = IntLinear(rand(rows, 400), -7, bias=b), rand(batch, 400), rand(batch, rows)
+    with matmul_impl(impl):
+        whole, whole_bias = gradients(layer, x, g, 0)
+        summed, summed_bias = gradients(layer, x, g, micro)
+    assert summed.dtype == whole.dtype == torch.int32 and torch.equal(summed, whole)
+    assert layer.grad_terms == g.numel() // rows and int(layer.grad_exponent) == -3
+    assert (whole_bias is None) == (not bias) and (not bias or torch.equal(summed_bias, whole_bias))
+
+
+def test_a_summed_gradient_widens_to_int64_where_the_whole_product_does():
+    """Past MAX_INT32_TERMS products per entry the unchunked product is int64; so is the sum of two
+    int32 chunk products (entries past the int32 limit: every product is (-128)**2)."""
+    n = MAX_INT32_TERMS + 7
+    x, g = torch.full((n, 3), -128, dtype=torch.int8), torch.full((n, 2), -128, dtype=torch.int8)
+    layer = IntLinear(torch.zeros(2, 3, dtype=torch.int8), 0)
+    whole, _ = gradients(layer, x, g, 0)
+    summed, _ = gradients(layer, x, g, n // 2 + 1)
+    assert whole.dtype == summed.dtype == torch.int64 and torch.equal(summed, whole)
+    assert int(summed[0, 0]) == n * 128 * 128 > torch.iinfo(torch.int32).max
+
+
+def test_a_micro_batched_bp_tail_holds_its_int32_gradients_once():
+    """Live bytes beyond the resident state at k=3, micro-batch 1: the int32 sum of each BP layer's
+    gradient, one tile and the update's new int8 weight; a chunk's whole product beside the sum, or an
+    abandoned sweep's sums beside the next sweep's (the two copies found at f169665), would be 2x."""
+    from elasticzo.bench.memory import PERSISTENT
+    from elasticzo.bench.plan import measure_split
+
+    row = measure_split("lenet5", 16, "int8", 3, micro_batch=1)
+    grads = 4 * (400 * 120 + 120 * 84 + 84 * 10)  # LeNet-5's three linear layers, int32
+    transient = row.peak_bytes - sum(row.breakdown[c] for c in PERSISTENT)
+    assert grads <= transient < 1.3 * grads
 
 
 def test_the_sweeps_find_the_whole_batch_shift_with_or_without_a_guess():

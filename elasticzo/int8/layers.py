@@ -10,7 +10,8 @@ the integer weight gradient in ``grad_acc`` (int32, or int64 when the sum is too
 int32) with value grad_acc * 2**grad_exponent, and returns the requantized int8 error for the
 layer below. A weight layer may have an integer ``bias`` (int8 with its own fixed exponent
 ``bias_exponent``, added in the accumulator's scale: ``int8.bias``); its gradient goes to
-``bias_grad`` (int64, the sum of the errors).
+``bias_grad`` (int64, the sum of the errors). While ``sum_grad`` is set (a micro-batched sweep,
+``int8.microbatch``) backward adds both to what the earlier chunks left there instead.
 
 A weight layer computes with another int8 weight of the same shape and exponent when given
 ``forward(x, weight=w)`` or while its ``perturbation`` callable is set (``IntElasticZO`` sets
@@ -28,6 +29,7 @@ from torch import nn
 from elasticzo.int8 import native, native_ops
 from elasticzo.int8.bias import add_bias, bias_gradient, int32_bias
 from elasticzo.int8.format import Exponent, QTensor, requantize_int32
+from elasticzo.int8.microbatch import add_weight_grad
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
 from elasticzo.int8.shiftplan import requantize_shift
 from elasticzo.int8.conv import (
@@ -107,7 +109,9 @@ class _WeightLayer(IntLayer):
         self.backprop = True  # False: a ZO layer (nothing stored for it, backward stops above it)
         self.perturbation: Callable[[], torch.Tensor] | None = None  # set by IntElasticZO for +-eps passes
         self.grad_acc: torch.Tensor | None = None  # int32/int64, set by backward
+        self.grad_terms = 0  # products summed into each grad_acc entry (int32 holds MAX_INT32_TERMS)
         self.grad_exponent: Exponent | None = None
+        self.sum_grad = False  # backward adds to grad_acc / bias_grad (set by int8.microbatch)
         self._input: QTensor | None = None
 
     @property
@@ -140,7 +144,21 @@ class _WeightLayer(IntLayer):
         return add_bias(acc, bias, self._bias_exponent, exponent, self.weight[0].numel(), dim)
 
     def _keep_bias_grad(self, grad: torch.Tensor, dim: int) -> None:
-        self.bias_grad = None if self.bias is None else bias_gradient(grad, dim)
+        if self.bias is None:
+            self.bias_grad = None
+        elif self.sum_grad and self.bias_grad is not None:
+            self.bias_grad.add_(bias_gradient(grad, dim))  # int64: exact in any order
+        else:
+            self.bias_grad = bias_gradient(grad, dim)
+
+    def _keep_weight_grad(self, rows_of: Callable[[int, int], torch.Tensor], terms: int, exponent: Exponent) -> None:
+        """This pass's weight gradient into ``grad_acc``; ``rows_of(lo, hi)``: its output rows lo:hi, from
+        ``terms`` products each. Summing (``sum_grad``), it is added in tiles: the sum is the only copy."""
+        self.grad_exponent = exponent
+        if self.sum_grad:
+            add_weight_grad(self, rows_of, terms)
+        else:
+            self.grad_acc, self.grad_terms = rows_of(0, self.weight.shape[0]), terms
 
     def _weight(self, weight: torch.Tensor | None) -> torch.Tensor:
         if weight is None:
@@ -186,9 +204,8 @@ class IntLinear(_WeightLayer):
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         x = self._saved_input()
         g2, x2 = grad.values.reshape(-1, grad.shape[-1]), x.values.reshape(-1, x.shape[-1])  # points as rows
-        self.grad_acc = int8_linear_grad_weight(g2, x2)  # [out, in]
-        self.grad_terms = g2.shape[0]  # products summed per entry: int32 is exact up to MAX_INT32_TERMS
-        self.grad_exponent = grad.exponent + x.exponent
+        self._keep_weight_grad(lambda lo, hi: int8_linear_grad_weight(g2[:, lo:hi], x2), g2.shape[0],
+                               grad.exponent + x.exponent)  # [out, in], one product per point
         self._keep_bias_grad(g2, -1)
         self.clear()
         if not input_grad:
@@ -240,9 +257,10 @@ class IntConv2d(_WeightLayer):
 
     def backward(self, grad: QTensor, input_grad: bool = True) -> QTensor | None:
         x = self._saved_input()
-        self.grad_acc = int8_conv2d_grad_weight(grad.values, x.values, self.weight.shape, self.stride, self.padding)
-        self.grad_terms = grad.values.numel() // grad.shape[1]  # B * OH * OW products per entry
-        self.grad_exponent = grad.exponent + x.exponent
+        shape = self.weight.shape[1:]
+        rows = lambda lo, hi: int8_conv2d_grad_weight(grad.values[:, lo:hi], x.values, (hi - lo, *shape), self.stride,
+                                                      self.padding)
+        self._keep_weight_grad(rows, grad.values.numel() // grad.shape[1], grad.exponent + x.exponent)  # B*OH*OW terms
         self._keep_bias_grad(grad.values, 1)
         self.clear()
         if not input_grad:

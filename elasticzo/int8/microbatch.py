@@ -18,7 +18,8 @@ Example::
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -33,41 +34,47 @@ def chunk_bounds(batch: int, micro_batch: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + micro_batch, batch)) for lo in range(0, batch, micro_batch)]
 
 
-class _GradSum:
-    """The weight gradients of ``layers`` summed over the chunks of a sweep, as one pass would give them."""
+GRAD_TILE_BYTES = 16 << 10  # int32 gradient rows computed at a time when a chunk's product is summed in place
 
-    def __init__(self, layers: Sequence) -> None:
-        self.layers = list(layers)
-        self.sums: list[torch.Tensor | None] = [None] * len(self.layers)
-        self.terms = [0] * len(self.layers)
-        self.exponents: list = [None] * len(self.layers)
-        self.bias_sums: list[torch.Tensor | None] = [None] * len(self.layers)  # int64: exact in any order
 
-    def take(self) -> None:
-        """Add each layer's chunk gradient to its sum (widened to int64 when the unchunked product would be)."""
-        for i, layer in enumerate(self.layers):
-            part, layer.grad_acc = layer.grad_acc, None
-            self.terms[i] += getattr(layer, "grad_terms", 0)
-            total = self.sums[i]
-            if total is None:
-                self.sums[i] = part  # a fresh tensor of this chunk's pass: summed into in place
-            elif total.dtype == torch.int32 and (self.terms[i] > MAX_INT32_TERMS or part.dtype == torch.int64):
-                self.sums[i] = total.to(torch.int64).add_(part)  # as wide as the unchunked product would be
-            else:
-                total.add_(part)
-            self.exponents[i] = layer.grad_exponent
-            bias, layer.bias_grad = getattr(layer, "bias_grad", None), None
-            if bias is not None:
-                self.bias_sums[i] = bias if self.bias_sums[i] is None else self.bias_sums[i].add_(bias)
+def add_weight_grad(layer, rows_of: Callable[[int, int], torch.Tensor], terms: int) -> None:
+    """Add a chunk's weight gradient to ``layer.grad_acc``, the sum of the sweep's earlier chunks.
 
-    def drop(self) -> None:
-        for layer in self.layers:
-            layer.grad_acc = layer.grad_exponent = layer.bias_grad = None
-            layer.clear()
+    ``rows_of(lo, hi)`` gives output rows lo:hi of the chunk's product, ``terms`` products per entry.
+    It is computed GRAD_TILE_BYTES of int32 at a time, so the peak holds the sum and one tile, not
+    the sum and the chunk's whole product (twice the BP layers' int32 gradients). The sum widens to
+    int64 once the summed terms could pass int32, as wide as the unchunked product would be.
+    """
+    total, done = layer.grad_acc, layer.grad_terms if layer.grad_acc is not None else 0
+    dtype = torch.int64 if done + terms > MAX_INT32_TERMS else torch.int32
+    if total is None:
+        total = torch.zeros(layer.weight.shape, dtype=dtype, device=layer.weight.device)
+    elif total.dtype != dtype:
+        total = total.to(dtype)
+    rows = layer.weight.shape[0]
+    step = max(1, GRAD_TILE_BYTES // (4 * max(layer.weight[0].numel(), 1)))
+    for lo in range(0, rows, step):
+        hi = min(lo + step, rows)
+        total[lo:hi].add_(rows_of(lo, hi).to(dtype))  # exact: each entry of the sum fits ``dtype``
+    layer.grad_acc, layer.grad_terms = total, done + terms
 
-    def store(self) -> None:
-        for layer, total, exponent, bias in zip(self.layers, self.sums, self.exponents, self.bias_sums):
-            layer.grad_acc, layer.grad_exponent, layer.bias_grad = total, exponent, bias
+
+@contextmanager
+def summed_gradients(layers: Sequence) -> Iterator[None]:
+    """Within the block the backward of ``layers`` adds each pass's gradients to what is there."""
+    for layer in layers:
+        layer.sum_grad = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.sum_grad = False
+
+
+def _drop_gradients(layers: Sequence) -> None:
+    for layer in layers:
+        layer.grad_acc = layer.grad_exponent = layer.bias_grad = None
+        layer.grad_terms = 0
 
 
 def run_chunked(pass_fn: Callable[[int, int], torch.Tensor], batch: int, micro_batch: int,
@@ -80,30 +87,32 @@ def run_chunked(pass_fn: Callable[[int, int], torch.Tensor], batch: int, micro_b
     the shifts to try first (the last step's); returns (sum, the shifts of this batch).
     """
     plan, bounds = ShiftPlan(guess), chunk_bounds(batch, micro_batch)
-    while True:
-        total, grads, probed = _sweep(plan, pass_fn, bounds, grad_layers)
-        if plan.close_sweep() and not probed:
-            grads.store()
-            return total, plan.fixed
-        if clear is not None:
-            clear()
+    with summed_gradients(grad_layers):
+        while True:
+            _drop_gradients(grad_layers)  # a sweep starts from nothing: an abandoned sweep's sums go first
+            total, probed = _sweep(plan, pass_fn, bounds, grad_layers)
+            if plan.close_sweep() and not probed:
+                return total, plan.fixed
+            if clear is not None:
+                clear()
 
 
-def _sweep(plan: ShiftPlan, pass_fn, bounds, grad_layers) -> tuple[torch.Tensor | None, _GradSum, bool]:
-    """Every chunk once: (sum of the completed passes, their gradients, whether a site was probed)."""
-    total, grads, probed = None, _GradSum(grad_layers), False
+def _sweep(plan: ShiftPlan, pass_fn, bounds, grad_layers) -> tuple[torch.Tensor | None, bool]:
+    """Every chunk once: (sum of the completed passes, whether a site was probed); the gradients are
+    summed in the layers."""
+    total, probed = None, False
     for lo, hi in bounds:
         plan.start_chunk()
         try:
             with active(plan):
                 out = pass_fn(lo, hi)
         except ProbeDone:  # every chunk stops at the same site: this sweep only finds its shift
-            grads.drop()
+            for layer in grad_layers:
+                layer.clear()
             probed = True
             continue
-        grads.take()
         total = out if total is None else total + out
-    return total, grads, probed
+    return total, probed
 
 
 def micro_batched_loss_closure(model, x, target: torch.Tensor, micro_batch: int = 0, guesses: dict | None = None):
