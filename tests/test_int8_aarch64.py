@@ -2,10 +2,12 @@
 
 Run: ``python -m pytest -m slow tests/test_int8_aarch64.py`` or ``scripts/aarch64_exactness.sh``
 (needs ``apt-get install -y gcc-aarch64-linux-gnu qemu-user``). The same driver runs natively in
-the default suite (``test_portable_kernels_are_exact_natively``), for the portable and the AVX2 code.
+the default suite (``test_portable_kernels_are_exact_natively``), for the portable code, the AVX2 code
+(x86-64-v3, as a CPU without AVX512-VNNI) and this CPU's own (-march=native: VNNI where it has it).
 """
 from __future__ import annotations
 
+import platform
 import shutil
 import subprocess
 from pathlib import Path
@@ -26,8 +28,13 @@ def test_aarch64_dotprod_kernels_are_exact_under_qemu():
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-@pytest.mark.parametrize("flags", [[], ["-march=native"]], ids=["portable", "native"])
+X86 = platform.machine() in ("x86_64", "AMD64")
+
+
+@pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"], ["-march=native"]], ids=["portable", "avx2", "native"])
 def test_portable_kernels_are_exact_natively(flags, tmp_path):
+    if flags == ["-march=x86-64-v3"] and not X86:
+        pytest.skip("x86-64-v3 is an x86 target")
     exe = tmp_path / "exactness"
     subprocess.run(["cc", "-O2", *flags, str(KERNELS / "exactness.c"), "-o", str(exe)], check=True, timeout=300)
     res = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)

@@ -3,12 +3,14 @@
  * Everything is exact integer arithmetic and equals elasticzo's portable PyTorch path bit for
  * bit. One product is the core: ezo_gemm_nt, C[M, N] = A[M, K] * B[N, K]^T, int8 operands whose
  * rows are K-contiguous, int32 result. Callers keep K <= 131071 so the int32 sum cannot wrap.
- *   - x86-64 with AVX2: both operands are repacked into int16 pairs and a 4 x 16 register block
+ *   - x86-64 with AVX512-VNNI: vpdpbusd on byte quads, one operand offset by 128 and the offset
+ *     subtracted per row (ezo_int8_vnni.c: 64 multiply-adds per instruction, exact, -128 included).
+ *   - x86-64 with AVX2 only: both operands are repacked into int16 pairs and a 4 x 16 register block
  *     multiplies them with vpmaddwd (16 multiply-adds per instruction, exact for every int8
  *     value, -128 included).
  *   - elsewhere: a dot-product loop that gcc vectorises (sdot with -march=armv8.2-a+dotprod).
  * Convolutions pack one image's patches at a time into a small workspace (no batch-sized column
- * copy) and call the same product; the requantisation epilogue (bit length of max|acc|, shift
+ * copy; an unpadded image is read in place) and call the same product; the requantisation epilogue (bit length of max|acc|, shift
  * with round half up, saturation to [-127, 127]) runs on one image's accumulator at a time.
  * The backward kernels (weight gradient, routing, NITI update) are in ezo_int8_backward.c, included last.
  */
@@ -18,14 +20,63 @@
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && !defined(EZO_NO_VNNI)
+#define EZO_VNNI 1  /* the u8 x s8 quad product of ezo_int8_vnni.c */
+#endif
 
 #define EZO_API __attribute__((visibility("default")))
 
-/* ------------------------------------------------------------------ the product */
+/* ------------------------------------------------------------------ shapes */
 
 static int64_t align64(int64_t n) { return (n + 63) / 64 * 64; }
 
-#ifdef __AVX2__
+typedef struct {
+    int64_t C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW, K, N;
+} ezo_conv_shape;
+
+static ezo_conv_shape conv_shape(const int64_t *s) {
+    ezo_conv_shape c = {s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], 0, 0, 0, 0};
+    c.OH = (c.H + 2 * c.ph - c.kh) / c.sh + 1;
+    c.OW = (c.W + 2 * c.pw - c.kw) / c.sw + 1;
+    c.K = c.C * c.kh * c.kw;
+    c.N = c.OH * c.OW;
+    return c;
+}
+
+static int64_t xp_bytes(const ezo_conv_shape *s) { return align64(s->C * (s->H + 2 * s->ph) * (s->W + 2 * s->pw)); }
+static int64_t r_bytes(const ezo_conv_shape *s) { return align64(s->K * s->N); }
+
+/* One image with its zero border: xp[C][H + 2ph][W + 2pw], so patch reads need no bounds checks. */
+static void pad_image(const ezo_conv_shape *s, const int8_t *x, int8_t *xp) {
+    int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
+    if (s->ph == 0 && s->pw == 0) { memcpy(xp, x, (size_t)(s->C * s->H * s->W)); return; }
+    memset(xp, 0, (size_t)(s->C * hp * wp));
+    for (int64_t c = 0; c < s->C; c++)
+        for (int64_t h = 0; h < s->H; h++)
+            memcpy(xp + (c * hp + h + s->ph) * wp + s->pw, x + (c * s->H + h) * s->W, (size_t)s->W);
+}
+
+/* The image the patches are read from: x itself without padding (patch reads stay inside each
+ * row's run), else its padded copy in xp. */
+static const int8_t *padded_source(const ezo_conv_shape *s, const int8_t *x, int8_t *xp) {
+    if (s->ph == 0 && s->pw == 0) return x;
+    pad_image(s, x, xp);
+    return xp;
+}
+
+/* Start of patch entry k = (c, i, j) for output row oh in the padded image (columns step sw). */
+static inline const int8_t *patch_row(const ezo_conv_shape *s, const int8_t *xp, int64_t k, int64_t oh) {
+    int64_t c = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw;
+    int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
+    return xp + (c * hp + oh * s->sh + i) * wp + j;
+}
+
+/* ------------------------------------------------------------------ the product */
+
+
+#if defined(EZO_VNNI)
+#include "ezo_int8_vnni.c"
+#elif defined(__AVX2__)
 static int64_t pairs(int64_t K) { return (K + 1) / 2; }
 static int64_t padded16(int64_t N) { return (N + 15) / 16 * 16; }
 
@@ -138,39 +189,6 @@ EZO_API void ezo_gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64
 
 /* ------------------------------------------------------------------ convolution */
 
-typedef struct {
-    int64_t C, H, W, O, kh, kw, sh, sw, ph, pw, OH, OW, K, N;
-} ezo_conv_shape;
-
-static ezo_conv_shape conv_shape(const int64_t *s) {
-    ezo_conv_shape c = {s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], 0, 0, 0, 0};
-    c.OH = (c.H + 2 * c.ph - c.kh) / c.sh + 1;
-    c.OW = (c.W + 2 * c.pw - c.kw) / c.sw + 1;
-    c.K = c.C * c.kh * c.kw;
-    c.N = c.OH * c.OW;
-    return c;
-}
-
-static int64_t xp_bytes(const ezo_conv_shape *s) { return align64(s->C * (s->H + 2 * s->ph) * (s->W + 2 * s->pw)); }
-static int64_t r_bytes(const ezo_conv_shape *s) { return align64(s->K * s->N); }
-
-/* One image with its zero border: xp[C][H + 2ph][W + 2pw], so patch reads need no bounds checks. */
-static void pad_image(const ezo_conv_shape *s, const int8_t *x, int8_t *xp) {
-    int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
-    if (s->ph == 0 && s->pw == 0) { memcpy(xp, x, (size_t)(s->C * s->H * s->W)); return; }
-    memset(xp, 0, (size_t)(s->C * hp * wp));
-    for (int64_t c = 0; c < s->C; c++)
-        for (int64_t h = 0; h < s->H; h++)
-            memcpy(xp + (c * hp + h + s->ph) * wp + s->pw, x + (c * s->H + h) * s->W, (size_t)s->W);
-}
-
-/* Start of patch entry k = (c, i, j) for output row oh in the padded image (columns step sw). */
-static inline const int8_t *patch_row(const ezo_conv_shape *s, const int8_t *xp, int64_t k, int64_t oh) {
-    int64_t c = k / (s->kh * s->kw), i = (k / s->kw) % s->kh, j = k % s->kw;
-    int64_t hp = s->H + 2 * s->ph, wp = s->W + 2 * s->pw;
-    return xp + (c * hp + oh * s->sh + i) * wp + j;
-}
-
 #ifdef __AVX2__
 /* dst[n] = (r0[n], r1[n]) as int16 pairs, 8 at a time; the last 8 overlap instead of a scalar tail. */
 static inline void interleave_row(const int8_t *r0, const int8_t *r1, int32_t *dst, int64_t n) {
@@ -183,7 +201,9 @@ static inline void interleave_row(const int8_t *r0, const int8_t *r1, int32_t *d
         if (o + 8 >= n) return;
     }
 }
+#endif
 
+#if defined(__AVX2__) && !defined(EZO_VNNI)
 /* The packed operand of the product straight from the padded image: word (p, n) = (R[2p][n], R[2p+1][n]). */
 static void pack_patches_pairs(const ezo_conv_shape *s, const int8_t *xp, int32_t *Bp) {
     int64_t kp = pairs(s->K), np = padded16(s->N);
@@ -225,17 +245,22 @@ static conv_work conv_split(const ezo_conv_shape *s, void *work) {
 }
 
 static void conv_prepare(const ezo_conv_shape *s, const int8_t *w, conv_work *cw) {
-#ifdef __AVX2__
-    pack_a_pairs(s->O, s->K, w, s->K, (int32_t *)cw->a);  /* once per call, not per image */
+#if defined(EZO_VNNI)
+    pack_a_quads(s->O, s->K, w, s->K, (int32_t *)cw->a);  /* once per call, not per image */
+#elif defined(__AVX2__)
+    pack_a_pairs(s->O, s->K, w, s->K, (int32_t *)cw->a);
 #else
     (void)s; (void)w; (void)cw;
 #endif
 }
 
 static void conv_image(const ezo_conv_shape *s, const int8_t *x, const int8_t *w, int32_t *acc, conv_work *cw) {
-    int8_t *xp = (int8_t *)cw->xp;
-    pad_image(s, x, xp);
-#ifdef __AVX2__
+    const int8_t *xp = padded_source(s, x, (int8_t *)cw->xp);
+#if defined(EZO_VNNI)
+    (void)w;
+    pack_patches_quads(s, xp, (int32_t *)cw->b);
+    gemm_packed(s->O, s->N, s->K, (const int32_t *)cw->a, (const int32_t *)cw->b, acc, s->N);
+#elif defined(__AVX2__)
     (void)w;
     pack_patches_pairs(s, xp, (int32_t *)cw->b);
     gemm_packed(s->O, s->N, s->K, (const int32_t *)cw->a, (const int32_t *)cw->b, acc, s->N);

@@ -1,0 +1,173 @@
+/* The int8 product with AVX512-VNNI (vpdpbusd: 64 multiply-adds of u8 x s8 quads into int32 per
+ * instruction, against 16 for AVX2's vpmaddwd). Included by ezo_int8.c where the compiler targets
+ * AVX512-VNNI and AVX512BW; every other target keeps the AVX2 or the portable product.
+ *
+ * vpdpbusd multiplies an UNSIGNED byte by a signed one, and int8 operands are signed on both sides.
+ * The vector operand (B: patches or the linear weights) is therefore offset by 128, b + 128 in 0..255
+ * (an xor with 0x80 while packing), and the result corrected per row of A:
+ *     sum_k A[m][k] * (B[n][k] + 128) - 128 * sum_k A[m][k] = sum_k A[m][k] * B[n][k].
+ * Each vpdpbusd adds the four products of a quad (each |.| <= 128 * 255) into an int32 lane without
+ * saturation, and the correction is subtracted in the same wrapping int32 arithmetic, so the result
+ * is exact modulo 2**32; the true sum fits int32 (K <= 131071, the callers' rule), so it IS the sum.
+ * -128 is exact too. A is zero past K, so whatever B holds there multiplies zero.
+ *
+ * Layouts: Aq[m][q] = the s8 quad (A[m][4q], .., A[m][4q+3]); corr[m] = 128 * sum_k A[m][k];
+ * Bq[q][n] = the u8 quad (B[n][4q] + 128, ..), np = N rounded up to 16 words per panel row.
+ * A block of up to 8 rows x 32 columns keeps 16 zmm accumulators; each B load serves every row.
+ */
+#include <immintrin.h>
+
+static int64_t quads(int64_t K) { return (K + 3) / 4; }
+static int64_t padded16(int64_t N) { return (N + 15) / 16 * 16; }
+
+static int64_t a_bytes(int64_t M, int64_t K) { return align64(M * quads(K) * 4) + align64(M * 4); }
+static int64_t b_bytes(int64_t N, int64_t K) { return align64(quads(K) * padded16(N) * 4); }
+
+static int32_t *row_corrections(int64_t M, int64_t K, int32_t *Aq) { return Aq + align64(M * quads(K) * 4) / 4; }
+
+/* Aq and corr (after Aq in the same buffer) of A[M, K] (row stride lda). */
+static void pack_a_quads(int64_t M, int64_t K, const int8_t *A, int64_t lda, int32_t *Aq) {
+    int64_t kq = quads(K);
+    int32_t *corr = row_corrections(M, K, Aq);
+    for (int64_t m = 0; m < M; m++) {
+        const int8_t *a = A + m * lda;
+        int8_t *dst = (int8_t *)(Aq + m * kq);
+        uint32_t sum = 0;
+        memcpy(dst, a, (size_t)K);
+        memset(dst + K, 0, (size_t)(4 * kq - K));
+        for (int64_t k = 0; k < K; k++) sum += (uint32_t)(int32_t)a[k];
+        corr[m] = (int32_t)(sum << 7);  /* 128 * sum, wrapping like the accumulators */
+    }
+}
+
+/* Bq of B[N, K] (row stride ldb), offset by 128; quads past K hold 0x80 (the value 0), columns past N zero. */
+static void pack_b_quads(int64_t N, int64_t K, const int8_t *B, int64_t ldb, int32_t *Bq) {
+    int64_t kq = quads(K), np = padded16(N);
+    memset(Bq, 0, (size_t)(kq * np) * sizeof(int32_t));
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *b = B + n * ldb;
+        for (int64_t q = 0; q < kq; q++) {
+            uint8_t quad[4] = {0x80, 0x80, 0x80, 0x80};
+            for (int64_t t = 0; t < 4 && 4 * q + t < K; t++) quad[t] = (uint8_t)b[4 * q + t] ^ 0x80;
+            memcpy(Bq + q * np + n, quad, 4);
+        }
+    }
+}
+
+static inline void store_cols(int32_t *c, __m512i v, int64_t cols) {
+    if (cols >= 16)
+        _mm512_storeu_si512((void *)c, v);
+    else if (cols > 0)
+        _mm512_mask_storeu_epi32(c, (__mmask16)((1u << cols) - 1), v);
+}
+
+/* C[m0 .. m0+R, n0 .. n0+cols) (R <= 8 rows, cols <= 16 * V, V = 1 or 2 vectors); R and V constants. */
+static inline __attribute__((always_inline)) void vnni_block(const int32_t *Aq, const int32_t *corr, int64_t kq,
+                                                           const int32_t *Bq, int64_t np, int64_t m0, const int R,
+                                                           int64_t n0, const int V, int64_t cols, int32_t *C,
+                                                           int64_t ldc) {
+    __m512i acc[8][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+    const int32_t *a = Aq + m0 * kq, *b = Bq + n0;
+    for (int64_t q = 0; q < kq; q++, b += np) {
+        __m512i b0 = _mm512_loadu_si512((const void *)b);
+        __m512i b1 = V > 1 ? _mm512_loadu_si512((const void *)(b + 16)) : b0;
+        for (int r = 0; r < R; r++) {
+            __m512i av = _mm512_set1_epi32(a[r * kq + q]);
+            acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], b0, av);
+            if (V > 1) acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], b1, av);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        __m512i fix = _mm512_set1_epi32(corr[m0 + r]);
+        int32_t *c = C + (m0 + r) * ldc + n0;
+        store_cols(c, _mm512_sub_epi32(acc[r][0], fix), cols);
+        if (V > 1) store_cols(c + 16, _mm512_sub_epi32(acc[r][1], fix), cols - 16);
+    }
+}
+
+#define VNNI_ROWS(V)                                                                                   \
+    switch (rows) {                                                                                    \
+        case 8: vnni_block(Aq, corr, kq, Bq, np, m0, 8, n0, V, cols, C, ldc); break;                  \
+        case 7: vnni_block(Aq, corr, kq, Bq, np, m0, 7, n0, V, cols, C, ldc); break;                  \
+        case 6: vnni_block(Aq, corr, kq, Bq, np, m0, 6, n0, V, cols, C, ldc); break;                  \
+        case 5: vnni_block(Aq, corr, kq, Bq, np, m0, 5, n0, V, cols, C, ldc); break;                  \
+        case 4: vnni_block(Aq, corr, kq, Bq, np, m0, 4, n0, V, cols, C, ldc); break;                  \
+        case 3: vnni_block(Aq, corr, kq, Bq, np, m0, 3, n0, V, cols, C, ldc); break;                  \
+        case 2: vnni_block(Aq, corr, kq, Bq, np, m0, 2, n0, V, cols, C, ldc); break;                  \
+        default: vnni_block(Aq, corr, kq, Bq, np, m0, 1, n0, V, cols, C, ldc); break;                 \
+    }
+
+/* C[M, N] = A * B^T from the packed operands: 32-column panels, 8-row blocks within each. */
+static void gemm_packed(int64_t M, int64_t N, int64_t K, const int32_t *Aq, const int32_t *Bq, int32_t *C, int64_t ldc) {
+    int64_t kq = quads(K), np = padded16(N);
+    const int32_t *corr = row_corrections(M, K, (int32_t *)Aq);
+    for (int64_t n0 = 0; n0 < N; n0 += 32) {
+        int64_t cols = N - n0 < 32 ? N - n0 : 32;
+        for (int64_t m0 = 0; m0 < M; m0 += 8) {
+            int rows = M - m0 < 8 ? (int)(M - m0) : 8;
+            if (cols > 16) {
+                VNNI_ROWS(2)
+            } else {
+                VNNI_ROWS(1)
+            }
+        }
+    }
+}
+
+static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
+                    int32_t *C, int64_t ldc, void *work) {
+    int32_t *Aq = (int32_t *)work, *Bq = (int32_t *)((char *)work + a_bytes(M, K));
+    pack_a_quads(M, K, A, lda, Aq);
+    pack_b_quads(N, K, B, ldb, Bq);
+    gemm_packed(M, N, K, Aq, Bq, C, ldc);
+}
+
+/* ---- convolution patches as offset u8 quads, straight from the (padded) image */
+
+/* dst[n] = (r0[n], r1[n], r2[n], r3[n]) + 128 as byte quads, n < len (len >= 8): 16 at a time, then 8
+ * at a time with the last 8 overlapping instead of a scalar tail. Reads only r[t][0 .. len). */
+static void interleave4_row(const int8_t *const r[4], int32_t *dst, int64_t len) {
+    const __m128i flip = _mm_set1_epi8((char)0x80);
+    int64_t o = 0;
+    for (; o + 16 <= len; o += 16) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(r[0] + o)), b = _mm_loadu_si128((const __m128i *)(r[1] + o));
+        __m128i c = _mm_loadu_si128((const __m128i *)(r[2] + o)), d = _mm_loadu_si128((const __m128i *)(r[3] + o));
+        __m128i ab0 = _mm_unpacklo_epi8(a, b), ab1 = _mm_unpackhi_epi8(a, b);
+        __m128i cd0 = _mm_unpacklo_epi8(c, d), cd1 = _mm_unpackhi_epi8(c, d);
+        _mm_storeu_si128((__m128i *)(dst + o), _mm_xor_si128(_mm_unpacklo_epi16(ab0, cd0), flip));
+        _mm_storeu_si128((__m128i *)(dst + o + 4), _mm_xor_si128(_mm_unpackhi_epi16(ab0, cd0), flip));
+        _mm_storeu_si128((__m128i *)(dst + o + 8), _mm_xor_si128(_mm_unpacklo_epi16(ab1, cd1), flip));
+        _mm_storeu_si128((__m128i *)(dst + o + 12), _mm_xor_si128(_mm_unpackhi_epi16(ab1, cd1), flip));
+    }
+    for (; o < len; o += 8) {
+        if (o + 8 > len) o = len - 8;
+        __m128i ab = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(r[0] + o)), _mm_loadl_epi64((const __m128i *)(r[1] + o)));
+        __m128i cd = _mm_unpacklo_epi8(_mm_loadl_epi64((const __m128i *)(r[2] + o)), _mm_loadl_epi64((const __m128i *)(r[3] + o)));
+        _mm_storeu_si128((__m128i *)(dst + o), _mm_xor_si128(_mm_unpacklo_epi16(ab, cd), flip));
+        _mm_storeu_si128((__m128i *)(dst + o + 4), _mm_xor_si128(_mm_unpackhi_epi16(ab, cd), flip));
+    }
+}
+
+/* Bq of one image's patches from its padded image xp: word (q, n) = patch entries 4q .. 4q+3 of pixel n,
+ * each + 128. Entries past K read entry 0 (any byte: A is zero there). */
+static void pack_patches_quads(const ezo_conv_shape *s, const int8_t *xp, int32_t *Bq) {
+    int64_t kq = quads(s->K), np = padded16(s->N), step = s->sh * (s->W + 2 * s->pw);
+    for (int64_t q = 0; q < kq; q++) {
+        const int8_t *r[4];
+        int32_t *dst = Bq + q * np;
+        for (int t = 0; t < 4; t++) r[t] = patch_row(s, xp, 4 * q + t < s->K ? 4 * q + t : 0, 0);
+        for (int64_t oh = 0; oh < s->OH; oh++, dst += s->OW) {
+            if (s->sw == 1 && s->OW >= 8)
+                interleave4_row(r, dst, s->OW);
+            else
+                for (int64_t ow = 0; ow < s->OW; ow++) {
+                    uint8_t quad[4];
+                    for (int t = 0; t < 4; t++) quad[t] = (uint8_t)r[t][ow * s->sw] ^ 0x80;
+                    memcpy(dst + ow, quad, 4);
+                }
+            for (int t = 0; t < 4; t++) r[t] += step;
+        }
+        memset(Bq + q * np + s->N, 0, (size_t)(np - s->N) * sizeof(int32_t));
+    }
+}
