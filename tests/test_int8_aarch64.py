@@ -27,10 +27,10 @@ def test_aarch64_dotprod_kernels_are_exact_under_qemu():
     assert "0 of" in res.stdout and " 0 sdot" not in res.stdout
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 X86 = platform.machine() in ("x86_64", "AMD64")
 
 
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
 @pytest.mark.parametrize("flags", [[], ["-march=x86-64-v3"], ["-march=native"]], ids=["portable", "avx2", "native"])
 def test_portable_kernels_are_exact_natively(flags, tmp_path):
     if flags == ["-march=x86-64-v3"] and not X86:
