@@ -321,7 +321,17 @@ EZO_API void ezo_requant(int64_t n, const int32_t *acc, int64_t s, int8_t *out) 
  * (acc >> (sb - 1)) & 1, the rounding bit, to a bit plane. */
 static void narrow_provisional(int64_t n, const int32_t *acc, int64_t sb, int8_t *out, uint8_t *bits) {
     int64_t t = sb > 0 ? sb - 1 : 0, i = 0;
-    for (int64_t j = 0; j < n; j++) out[j] = (int8_t)(acc[j] >> sb);
+#ifdef __AVX512BW__
+    const __m128i high = _mm_cvtsi64_si128(sb), low = _mm_cvtsi64_si128(t);
+    const __m512i one = _mm512_set1_epi32(1);
+    for (; i + 16 <= n; i += 16) {  /* the values and two bit-plane bytes, in one pass */
+        __m512i v = _mm512_loadu_si512((const void *)(acc + i));
+        _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(_mm512_sra_epi32(v, high)));
+        uint16_t m = sb > 0 ? (uint16_t)_mm512_test_epi32_mask(_mm512_sra_epi32(v, low), one) : 0;
+        memcpy(bits + (i >> 3), &m, 2);
+    }
+#endif
+    for (int64_t j = i; j < n; j++) out[j] = (int8_t)(acc[j] >> sb);
 #ifdef __AVX2__
     for (; i + 8 <= n; i += 8) {  /* bit k of the byte = lowest bit of acc >> t, via the sign-bit mask */
         __m256i v = _mm256_sll_epi32(_mm256_sra_epi32(_mm256_loadu_si256((const __m256i *)(acc + i)),
@@ -348,6 +358,18 @@ static inline int8_t round_saturate(int32_t z, int64_t shift) {
 static void narrow_final(int64_t n, int8_t *out, const uint8_t *bits, int64_t sb, int64_t S) {
     if (S == 0) return;  /* every image had sb = 0: out already holds acc, |acc| <= 127 */
     int64_t i = 0, shift = S - sb;
+#ifdef __AVX512BW__
+    const __m512i one16 = _mm512_set1_epi16(1), hi16 = _mm512_set1_epi16(127), lo16 = _mm512_set1_epi16(-127);
+    const __m128i count = _mm_cvtsi64_si128(shift);
+    for (; i + 32 <= n; i += 32) {  /* int16 lanes: z = 2 out + bit is in -256..255; four bit-plane bytes a mask */
+        uint32_t m = 0;
+        if (sb > 0) memcpy(&m, bits + (i >> 3), 4);
+        __m512i z = _mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(out + i))), 1);
+        __m512i y = _mm512_sra_epi16(_mm512_mask_add_epi16(z, (__mmask32)m, z, one16), count);
+        __m512i r = _mm512_add_epi16(_mm512_srai_epi16(y, 1), _mm512_and_si512(y, one16));
+        _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi16_epi8(_mm512_min_epi16(_mm512_max_epi16(r, lo16), hi16)));
+    }
+#endif
 #ifdef __AVX2__
     const __m256i lanes = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), one = _mm256_set1_epi32(1);
     const __m256i hi = _mm256_set1_epi32(127), lo = _mm256_set1_epi32(-127);
@@ -405,7 +427,11 @@ EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t
 /* out[ow] = max of the 2x2 window at column 2 ow of rows r0, r1; 8 outputs at a time, the last 8 overlapping. */
 static void pool2x2_row(const int8_t *r0, const int8_t *r1, int8_t *out, int64_t OW) {
     const __m128i low = _mm_set1_epi16(0x00FF);
-    for (int64_t o = 0;; o += 8) {
+    for (int64_t o = 0; OW < 8 && o < OW; o++) {  /* short rows (LeNet's second pool): one window at a time */
+        int8_t a = r0[2 * o] > r0[2 * o + 1] ? r0[2 * o] : r0[2 * o + 1], b = r1[2 * o] > r1[2 * o + 1] ? r1[2 * o] : r1[2 * o + 1];
+        out[o] = a > b ? a : b;
+    }
+    for (int64_t o = 0; OW >= 8; o += 8) {
         if (o + 8 > OW) o = OW - 8;
         __m128i v = _mm_max_epi8(_mm_loadu_si128((const __m128i *)(r0 + 2 * o)), _mm_loadu_si128((const __m128i *)(r1 + 2 * o)));
         v = _mm_and_si128(_mm_max_epi8(v, _mm_srli_epi16(v, 8)), low);  /* pair max in each low byte */
@@ -451,7 +477,7 @@ EZO_API void ezo_maxpool2d(int64_t P, int64_t H, int64_t W, int64_t kh, int64_t 
             int8_t *best = out + (p * OH + oh) * OW, *at = arg ? arg + (p * OH + oh) * OW : 0;
             const int8_t *top = x + (p * H + oh * sh) * W;
 #ifdef __AVX2__
-            if (kh == 2 && kw == 2 && sh == 2 && sw == 2 && (at || OW >= 8)) {  /* LeNet's pools */
+            if (kh == 2 && kw == 2 && sh == 2 && sw == 2) {  /* LeNet's pools */
                 if (at)
                     pool2x2_arg_row(top, top + W, best, at, OW);
                 else
