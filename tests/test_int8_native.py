@@ -44,9 +44,9 @@ def test_gemm_equals_int64_matmul(m, n, k, fill_a, fill_b, seed):
     assert torch.equal(_ops().gemm_nt(a, b), (a.long() @ b.long().t()).int())
 
 
-conv_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 5),  # B, C, O
+conv_shapes = st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 10),  # B, C, O (> 8: two row blocks)
                         st.integers(1, 5), st.integers(1, 5),  # kh, kw
-                        st.integers(0, 9), st.integers(0, 9),  # extra H, W beyond the kernel
+                        st.integers(0, 9), st.integers(0, 20),  # extra H, W beyond the kernel (OW >= 16: wide runs)
                         st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(0, 2))  # stride, pad
 
 

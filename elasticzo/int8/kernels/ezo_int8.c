@@ -71,6 +71,17 @@ static inline const int8_t *patch_row(const ezo_conv_shape *s, const int8_t *xp,
     return xp + (c * hp + oh * s->sh + i) * wp + j;
 }
 
+/* patch_row(s, xp, k, 0) for k = 0, 1, 2, ... in turn, without a division per entry (packing loops). */
+typedef struct { int64_t c, i, j; } patch_cursor;
+
+static inline const int8_t *next_patch_row(const ezo_conv_shape *s, const int8_t *xp, patch_cursor *e) {
+    const int8_t *row = xp + (e->c * (s->H + 2 * s->ph) + e->i) * (s->W + 2 * s->pw) + e->j;
+    e->j = e->j + 1 < s->kw ? e->j + 1 : 0;
+    e->i = e->j ? e->i : (e->i + 1 < s->kh ? e->i + 1 : 0);
+    e->c = e->j || e->i ? e->c : e->c + 1;
+    return row;
+}
+
 /* ------------------------------------------------------------------ the product */
 
 
@@ -207,11 +218,12 @@ static inline void interleave_row(const int8_t *r0, const int8_t *r1, int32_t *d
 /* The packed operand of the product straight from the padded image: word (p, n) = (R[2p][n], R[2p+1][n]). */
 static void pack_patches_pairs(const ezo_conv_shape *s, const int8_t *xp, int32_t *Bp) {
     int64_t kp = pairs(s->K), np = padded16(s->N);
+    patch_cursor e = {0, 0, 0};
     for (int64_t p = 0; p < kp; p++) {
         int32_t *dst = Bp + p * np;
         int64_t step = s->sh * (s->W + 2 * s->pw);  /* input rows between two output rows */
-        const int8_t *r0 = patch_row(s, xp, 2 * p, 0);
-        const int8_t *r1 = 2 * p + 1 < s->K ? patch_row(s, xp, 2 * p + 1, 0) : 0;
+        const int8_t *r0 = next_patch_row(s, xp, &e);
+        const int8_t *r1 = 2 * p + 1 < s->K ? next_patch_row(s, xp, &e) : 0;
         for (int64_t oh = 0; oh < s->OH; oh++, dst += s->OW, r0 += step, r1 = r1 ? r1 + step : 0) {
             if (s->sw == 1 && r1 && s->OW >= 8)
                 interleave_row(r0, r1, dst, s->OW);

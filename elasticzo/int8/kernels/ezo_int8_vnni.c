@@ -152,17 +152,12 @@ static void interleave4_row(const int8_t *const r[4], int32_t *dst, int64_t len)
 /* Bq of one image's patches from its padded image xp: word (q, n) = patch entries 4q .. 4q+3 of pixel n,
  * each + 128. Entries past K read entry 0 (any byte: A is zero there). */
 static void pack_patches_quads(const ezo_conv_shape *s, const int8_t *xp, int32_t *Bq) {
-    int64_t kq = quads(s->K), np = padded16(s->N), wp = s->W + 2 * s->pw, step = s->sh * wp;
-    int64_t c = 0, i = 0, j = 0;  /* entry k = (c, i, j), stepped one k at a time: no division per quad */
+    int64_t kq = quads(s->K), np = padded16(s->N), step = s->sh * (s->W + 2 * s->pw);
+    patch_cursor e = {0, 0, 0};
     for (int64_t q = 0; q < kq; q++) {
         const int8_t *r[4];
         int32_t *dst = Bq + q * np;
-        for (int t = 0; t < 4; t++) {
-            r[t] = 4 * q + t < s->K ? xp + (c * (s->H + 2 * s->ph) + i) * wp + j : xp;
-            j = j + 1 < s->kw ? j + 1 : 0;
-            i = j ? i : (i + 1 < s->kh ? i + 1 : 0);
-            c = j || i ? c : c + 1;
-        }
+        for (int t = 0; t < 4; t++) r[t] = 4 * q + t < s->K ? next_patch_row(s, xp, &e) : xp;
         for (int64_t oh = 0; oh < s->OH; oh++, dst += s->OW) {
             if (s->sw == 1 && s->OW >= 8)
                 interleave4_row(r, dst, s->OW);
