@@ -209,12 +209,17 @@ class IntElasticZO(torch.optim.Optimizer):
                 _set_hook(layer, "bias_perturbation", None)
 
     def _zo_update(self, zo: dict, d: torch.Tensor) -> None:
-        """W <- sat(W - d z / 2**s), the fraction carried; s follows |d| (no host sync)."""
-        state = self.state[self.zo_layers[0].weight]
-        scale = state["d_scale"]
-        scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
-        s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(0, 62)
+        """W <- sat(W - d z / 2**s), the fraction carried; s follows |d| (no host sync off the CPU)."""
+        scale = self.state[self.zo_layers[0].weight]["d_scale"]
         self.last_projected_grads = d.reshape(1)
+        if scale.device.type == "cpu":  # Python ints: the same integers without a dozen 0-dim tensor ops
+            d, running = int(d), int(scale)
+            running = running - (running >> EMA_SHIFT) + (abs(d) >> EMA_SHIFT)
+            scale.fill_(running)
+            s = min(max(max(running, 1).bit_length() + zo["zo_shift"], 0), 62)
+        else:
+            scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
+            s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(0, 62)
         for i, (_, tensor) in enumerate(_tensors(self.zo_layers)):  # in place, z streamed: no copy, no whole z
             zo_update_(tensor, self._generator(zo, i, tensor.device), d, s, self.state[tensor]["carry"])
 

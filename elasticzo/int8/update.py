@@ -156,19 +156,20 @@ def perturbed_weight(weight: torch.Tensor, generator: torch.Generator, eps: int)
     return out
 
 
-def zo_update_(weight: torch.Tensor, generator: torch.Generator, d: torch.Tensor, s: torch.Tensor | int,
+def zo_update_(weight: torch.Tensor, generator: torch.Generator, d: torch.Tensor | int, s: torch.Tensor | int,
                carry: torch.Tensor) -> torch.Tensor:
     """``zo_update(weight, z, d, s, carry=carry)`` in place, z regenerated from ``generator`` piece by piece.
 
     Equal bit for bit (the carried step is exact, so cutting it into pieces changes nothing);
     the peak is the weight, its carry and one piece, not 8 bytes per weight of int64 d z.
     """
-    w, flat_carry, d64 = weight.view(-1), carry.view(-1), d.to(torch.int64)
+    w, flat_carry = weight.view(-1), carry.view(-1)
     if native.active(weight) and carry.is_contiguous():  # one kernel per round of random words
         di, si = int(d), int(s)
         for lo, hi, words in random_word_rounds(w.numel(), generator, weight.device):
             native_ops.OPS.zo_update_words(w[lo:hi], words, di, si, flat_carry[lo:hi])
         return weight
+    d64 = torch.as_tensor(d, dtype=torch.int64, device=weight.device)
     for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
         step = _carried(d64 * z.to(torch.int64), s, flat_carry[lo:hi])
         w[lo:hi] = saturate_int8(w[lo:hi].to(torch.int64) - step)
