@@ -15,6 +15,7 @@ from elasticzo.data.loader import BatchLoader
 from elasticzo.data.stream import StreamedBatch
 from elasticzo.int8 import (IntConv2d, IntElasticZO, IntLinear, QTensor, convert, int8_noise, perturb_weight,
                             requantize_int32, zo_update)
+from elasticzo.int8 import microbatch
 from elasticzo.int8.microbatch import chunk_bounds, micro_batched_loss_closure, run_chunked, summed_gradients
 from elasticzo.int8.ops import MAX_INT32_TERMS, matmul_impl
 from elasticzo.int8.rounding import bitlength, shift_round_nearest
@@ -140,12 +141,15 @@ def gradients(layer, x, g, micro: int):
     return layer.grad_acc, layer.bias_grad
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(conv=st.booleans(), batch=st.integers(1, 9), micro=st.integers(1, 9), rows=st.integers(1, 20),
-       bias=st.booleans(), impl=st.sampled_from(["auto", "reference"]), seed=st.integers(0, 2**16))
-def test_chunk_gradients_summed_in_place_equal_the_whole_pass(conv, batch, micro, rows, bias, impl, seed):
-    """Each chunk's product is added to the sum in tiles of output rows (several tiles here: a row
-    is 1-2 KiB of int32): the same integers, and the dtype, as the unchunked product."""
+       bias=st.booleans(), impl=st.sampled_from(["auto", "reference"]), tile=st.sampled_from([1 << 10, 64 << 10]),
+       addmm=st.sampled_from([0, 8]), seed=st.integers(0, 2**16))
+def test_chunk_gradients_summed_in_place_equal_the_whole_pass(conv, batch, micro, rows, bias, impl, tile, addmm,
+                                                              seed):
+    """Each chunk's product is added to the sum in tiles of output rows (one or several: a row is
+    1.6-1.7 KiB of int32) or, for a linear layer's small chunk on CPU, by one integer addmm: the same
+    integers, and the dtype, as the unchunked product."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
     b = rand(rows) if bias else None
@@ -153,7 +157,9 @@ def test_chunk_gradients_summed_in_place_equal_the_whole_pass(conv, batch, micro
         layer, x, g = IntConv2d(rand(rows, 48, 3, 3), -7, padding=1, bias=b), rand(batch, 48, 4, 4), rand(batch, rows, 4, 4)
     else:
         layer, x, g = IntLinear(rand(rows, 400), -7, bias=b), rand(batch, 400), rand(batch, rows)
-    with matmul_impl(impl):
+    with matmul_impl(impl), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(microbatch, "GRAD_TILE_BYTES", tile)
+        patch.setattr(microbatch, "ADDMM_TERMS", addmm)
         whole, whole_bias = gradients(layer, x, g, 0)
         summed, summed_bias = gradients(layer, x, g, micro)
     assert summed.dtype == whole.dtype == torch.int32 and torch.equal(summed, whole)
@@ -163,14 +169,16 @@ def test_chunk_gradients_summed_in_place_equal_the_whole_pass(conv, batch, micro
 
 def test_a_summed_gradient_widens_to_int64_where_the_whole_product_does():
     """Past MAX_INT32_TERMS products per entry the unchunked product is int64; so is the sum of two
-    int32 chunk products (entries past the int32 limit: every product is (-128)**2)."""
+    int32 chunk products (entries past the int32 limit: every product is (-128)**2), and an int64 sum
+    takes a small chunk's addmm in int64."""
     n = MAX_INT32_TERMS + 7
     x, g = torch.full((n, 3), -128, dtype=torch.int8), torch.full((n, 2), -128, dtype=torch.int8)
     layer = IntLinear(torch.zeros(2, 3, dtype=torch.int8), 0)
     whole, _ = gradients(layer, x, g, 0)
-    summed, _ = gradients(layer, x, g, n // 2 + 1)
-    assert whole.dtype == summed.dtype == torch.int64 and torch.equal(summed, whole)
-    assert int(summed[0, 0]) == n * 128 * 128 > torch.iinfo(torch.int32).max
+    for micro in (70_000, MAX_INT32_TERMS + 2):  # chunks of 70,000 + 61,078 terms; of 131,073 + 5
+        summed, _ = gradients(layer, x, g, micro)
+        assert whole.dtype == summed.dtype == torch.int64 and torch.equal(summed, whole)
+        assert int(summed[0, 0]) == n * 128 * 128 > torch.iinfo(torch.int32).max
 
 
 def test_a_micro_batched_bp_tail_holds_its_int32_gradients_once():

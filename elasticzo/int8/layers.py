@@ -151,12 +151,14 @@ class _WeightLayer(IntLayer):
         else:
             self.bias_grad = bias_gradient(grad, dim)
 
-    def _keep_weight_grad(self, rows_of: Callable[[int, int], torch.Tensor], terms: int, exponent: Exponent) -> None:
+    def _keep_weight_grad(self, rows_of: Callable[[int, int], torch.Tensor], terms: int, exponent: Exponent,
+                          operands: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """This pass's weight gradient into ``grad_acc``; ``rows_of(lo, hi)``: its output rows lo:hi, from
-        ``terms`` products each. Summing (``sum_grad``), it is added in tiles: the sum is the only copy."""
+        ``terms`` products each. Summing (``sum_grad``), it is added in place (``microbatch.add_weight_grad``;
+        ``operands``: the matrices whose product it is): the sum is the only copy."""
         self.grad_exponent = exponent
         if self.sum_grad:
-            add_weight_grad(self, rows_of, terms)
+            add_weight_grad(self, rows_of, terms, operands)
         else:
             self.grad_acc, self.grad_terms = rows_of(0, self.weight.shape[0]), terms
 
@@ -205,7 +207,7 @@ class IntLinear(_WeightLayer):
         x = self._saved_input()
         g2, x2 = grad.values.reshape(-1, grad.shape[-1]), x.values.reshape(-1, x.shape[-1])  # points as rows
         self._keep_weight_grad(lambda lo, hi: int8_linear_grad_weight(g2[:, lo:hi], x2), g2.shape[0],
-                               grad.exponent + x.exponent)  # [out, in], one product per point
+                               grad.exponent + x.exponent, (g2.t(), x2))  # [out, in], one product per point
         self._keep_bias_grad(g2, -1)
         self.clear()
         if not input_grad:

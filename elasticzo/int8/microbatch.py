@@ -34,16 +34,21 @@ def chunk_bounds(batch: int, micro_batch: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + micro_batch, batch)) for lo in range(0, batch, micro_batch)]
 
 
-GRAD_TILE_BYTES = 16 << 10  # int32 gradient rows computed at a time when a chunk's product is summed in place
+GRAD_TILE_BYTES = 64 << 10  # int32 gradient rows computed at a time when a chunk's product is summed in place
+ADDMM_TERMS = 8  # up to this many products per entry a CPU chunk is added by one integer addmm, no tiles
 
 
-def add_weight_grad(layer, rows_of: Callable[[int, int], torch.Tensor], terms: int) -> None:
+def add_weight_grad(layer, rows_of: Callable[[int, int], torch.Tensor], terms: int,
+                    operands: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Add a chunk's weight gradient to ``layer.grad_acc``, the sum of the sweep's earlier chunks.
 
     ``rows_of(lo, hi)`` gives output rows lo:hi of the chunk's product, ``terms`` products per entry.
     It is computed GRAD_TILE_BYTES of int32 at a time, so the peak holds the sum and one tile, not
-    the sum and the chunk's whole product (twice the BP layers' int32 gradients). The sum widens to
-    int64 once the summed terms could pass int32, as wide as the unchunked product would be.
+    the sum and the chunk's whole product (twice the BP layers' int32 gradients). ``operands`` (a, b)
+    with product a @ b (a linear layer's g^T and x): on CPU, up to ADDMM_TERMS terms, one in-place
+    integer ``addmm_`` instead (exact: every partial sum fits; a tile's dispatch costs more than
+    that small product). The sum widens to int64 once the summed terms could pass int32, as wide
+    as the unchunked product would be.
     """
     total, done = layer.grad_acc, layer.grad_terms if layer.grad_acc is not None else 0
     dtype = torch.int64 if done + terms > MAX_INT32_TERMS else torch.int32
@@ -51,11 +56,15 @@ def add_weight_grad(layer, rows_of: Callable[[int, int], torch.Tensor], terms: i
         total = torch.zeros(layer.weight.shape, dtype=dtype, device=layer.weight.device)
     elif total.dtype != dtype:
         total = total.to(dtype)
-    rows = layer.weight.shape[0]
-    step = max(1, GRAD_TILE_BYTES // (4 * max(layer.weight[0].numel(), 1)))
-    for lo in range(0, rows, step):
-        hi = min(lo + step, rows)
-        total[lo:hi].add_(rows_of(lo, hi).to(dtype))  # exact: each entry of the sum fits ``dtype``
+    if operands is not None and terms <= ADDMM_TERMS and total.device.type == "cpu":
+        a, b = operands
+        total.view(a.shape[0], b.shape[1]).addmm_(a.to(dtype), b.to(dtype))
+    else:
+        rows = layer.weight.shape[0]
+        step = max(1, GRAD_TILE_BYTES // (4 * max(layer.weight[0].numel(), 1)))
+        for lo in range(0, rows, step):
+            hi = min(lo + step, rows)
+            total[lo:hi].add_(rows_of(lo, hi).to(dtype))  # exact: each entry of the sum fits ``dtype``
     layer.grad_acc, layer.grad_terms = total, done + terms
 
 
