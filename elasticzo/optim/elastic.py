@@ -37,7 +37,8 @@ from elasticzo.instrument import phase
 from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, frozen_statistics, pass_caller, pass_rng,
                                      statistic_modules)
 from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
-from elasticzo.zo.noise import derive_seeds, layer_axpy
+from elasticzo.zo.counter import axpy_layer
+from elasticzo.zo.noise import derive_seeds
 from elasticzo.zo.perturb import hooked_index, perturbed
 
 RMS_DECAY = 0.99
@@ -322,18 +323,19 @@ class ElasticZO(torch.optim.Optimizer):
     def _zo_update(self, zo: dict, grads: list[torch.Tensor]) -> None:
         """theta <- theta (1 - lr wd) + sum_j (-g_j lr / q) z_j per ZO group, regenerating each z_j from its seed.
         Float16/bfloat16 parameters are updated through their float32 master, then rounded once."""
-        q = zo["queries"]
-        for group in self._groups("zo"):
+        q, groups = zo["queries"], self._groups("zo")
+        for group in groups:
             if group["weight_decay"]:
                 torch._foreach_mul_([self._source(p) for p in group["params"]], zo_decay_factor(group["lr"], group["weight_decay"]))
         for j, g in enumerate(grads):
-            coefs = {id(group): g * (-group["lr"] / q) for group in self._groups("zo")}  # 0-dim: no host sync
+            coefs = {id(group): g * (-group["lr"] / q) for group in groups}  # 0-dim: no host sync on a GPU
+            if g.is_cpu:  # read once per group here, not once per tensor by the kernel's caller
+                coefs = {k: float(c) for k, c in coefs.items()}
             keys = derive_seeds(zo["seed"], zo["step"], j, range(len(self.zo_layers)))
             for i, entries in self._hooked().values():
                 params = [owner._parameters[name] for owner, name in entries]
-                sources = [self._source(p) for p in params]
-                scales = [coefs[id(self._zo_group_of[id(p)])] for p in params]
-                layer_axpy(sources, keys[i], zo["noise"], scales, outs=sources)
+                sources = [self._source(p) for p in params] if self._has_masters else params
+                axpy_layer(sources, keys[i], zo["noise"], [coefs[id(self._zo_group_of[id(p)])] for p in params], sources)
         for p in self._low_precision_zo() if self._has_masters else []:
             p.copy_(self._source(p))
 

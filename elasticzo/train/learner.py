@@ -106,6 +106,7 @@ class Learner:
     def __init__(self, config: TrainConfig, num_classes: int, device: torch.device):
         self.int8 = config.precision == "int8"
         self.model = build_learner_model(config, num_classes, device)
+        self._modules = list(self.model.modules())
         self.num_layers = num_weight_layers(self.model)
         self.bp_layers = config.split(self.num_layers)
         self.optimizer = build_optimizer(config, self.model, self.bp_layers)
@@ -130,7 +131,8 @@ class Learner:
 
         ``x`` may be a ``StreamedBatch``; with ``micro_batch`` each pass runs chunk by chunk.
         """
-        self.model.train()
+        if not all(m.training for m in self._modules):
+            self.model.train()  # after predict(); Module.train walks every module through __setattr__
         if self.int8:
             from elasticzo.int8.loss import loss_to_nats
             from elasticzo.int8.microbatch import micro_batched_loss_closure

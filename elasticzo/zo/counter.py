@@ -21,6 +21,7 @@ product so nothing overflows): the kernel is proved equal to it in ``tests/test_
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from functools import lru_cache
 
@@ -100,21 +101,48 @@ def axpy(x: torch.Tensor, key: int, offset: int, kind: str, a, out: torch.Tensor
     the native kernel when it loads; everything else (CUDA, other dtypes, ``ELASTICZO_NATIVE=0``)
     through ``directions``, a chunk at a time.
     """
-    if out is None:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    elif (out.shape, out.dtype, out.device) != (x.shape, x.dtype, x.device):
-        raise ValueError(f"axpy: out is {tuple(out.shape)} {out.dtype} on {out.device}, x is {tuple(x.shape)} "
-                         f"{x.dtype} on {x.device}; they must match (the kernel writes x.numel() entries into out)")
+    out = _out_for(x, out)
     code, n = kind_code(kind), x.numel()
     _check_range(offset, n)
     kernel = _native().kernel_for(x, out)
     if kernel is not None:
         kernel(n, key, offset, code, x.data_ptr(), float(a), out.data_ptr())
         return out
-    target = out if out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
-    flat_x, flat_out = x.reshape(-1), target.view(-1)
-    for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
-        z = directions(key, offset + lo, hi - lo, kind, x.device).to(x.dtype)
-        torch.add(flat_x[lo:hi], z.mul_(a), out=flat_out[lo:hi])
-    return target if target is out else out.copy_(target)
+    with torch.no_grad():  # a direction never takes part in autograd (x may be a parameter that requires grad)
+        target = out if out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
+        flat_x, flat_out = x.reshape(-1), target.view(-1)
+        for lo in range(0, n, CHUNK):
+            hi = min(lo + CHUNK, n)
+            z = directions(key, offset + lo, hi - lo, kind, x.device).to(x.dtype)
+            torch.add(flat_x[lo:hi], z.mul_(a), out=flat_out[lo:hi])
+        return target if target is out else out.copy_(target)
+
+
+def _out_for(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``out``, checked to match ``x`` (the kernel writes x.numel() entries into it), or a new tensor."""
+    if out is None:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if (out.shape, out.dtype, out.device) != (x.shape, x.dtype, x.device):
+        raise ValueError(f"axpy: out is {tuple(out.shape)} {out.dtype} on {out.device}, x is {tuple(x.shape)} "
+                         f"{x.dtype} on {x.device}; they must match (the kernel writes x.numel() entries into out)")
+    return out
+
+
+def axpy_layer(xs: list[torch.Tensor], key: int, kind: str, scales: list, outs: list | None = None) -> list[torch.Tensor]:
+    """``[axpy(x_t, key, o_t, kind, a_t, out_t)]`` with o_t the entries before x_t: one layer's
+    tensors as slices of one direction (its flat parameter vector), in one native call where the
+    kernel serves them all (the numbers are those of one ``axpy`` per tensor)."""
+    outs = [_out_for(x, None if outs is None else outs[t]) for t, x in enumerate(xs)]
+    code, sizes = kind_code(kind), [x.numel() for x in xs]
+    _check_range(0, sum(sizes))
+    kernel = _native().layer_kernel_for(xs, outs)
+    if kernel is None:
+        offset = 0
+        for x, a, out, n in zip(xs, scales, outs, sizes):
+            axpy(x, key, offset, kind, a, out)
+            offset += n
+        return outs
+    pointers = _native().pointers
+    kernel(len(xs), (ctypes.c_int64 * len(xs))(*sizes), key, code, pointers([x.data_ptr() for x in xs]),
+           (ctypes.c_float * len(xs))(*[float(a) for a in scales]), pointers([out.data_ptr() for out in outs]))
+    return outs

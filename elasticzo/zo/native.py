@@ -20,8 +20,9 @@ from elasticzo.int8 import native as builder
 
 log = logging.getLogger("elasticzo.zo")
 SOURCE = Path(__file__).with_name("kernels") / "ezo_noise.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 _I64 = ctypes.c_int64
+_PTR = ctypes.c_void_p
 
 
 @lru_cache(maxsize=None)
@@ -40,9 +41,12 @@ def load() -> ctypes.CDLL | None:
         if lib.ezo_noise_abi_version() != ABI_VERSION:
             raise RuntimeError(f"ABI version {lib.ezo_noise_abi_version()} != {ABI_VERSION}")
         fn = lib.ezo_noise_axpy
-        fn.argtypes = [_I64, ctypes.c_uint64, _I64, ctypes.c_int32, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p]
+        fn.argtypes = [_I64, ctypes.c_uint64, _I64, ctypes.c_int32, _PTR, ctypes.c_float, _PTR]
         fn.restype = None
-        self_check(fn)
+        layer = lib.ezo_noise_axpy_layer
+        layer.argtypes = [ctypes.c_int32, _PTR, ctypes.c_uint64, ctypes.c_int32, _PTR, _PTR, _PTR]
+        layer.restype = None
+        self_check(fn, layer)
     except Exception as err:  # noqa: BLE001 - any failure means: use the portable path
         log.warning("elasticzo.zo: native direction kernel unusable (%s: %s); portable PyTorch path",
                     type(err).__name__, err)
@@ -59,8 +63,21 @@ def kernel_for(x: torch.Tensor, out: torch.Tensor):
     return None if lib is None else lib.ezo_noise_axpy
 
 
-def self_check(fn) -> None:
-    """Raise unless the kernel equals ``zo.counter.directions`` on both kinds, odd offsets and lengths."""
+def layer_kernel_for(xs: list[torch.Tensor], outs: list[torch.Tensor]):
+    """``ezo_noise_axpy_layer`` if ``kernel_for`` serves every (x, out) pair of a layer, else None."""
+    if not all(kernel_for(x, out) is not None for x, out in zip(xs, outs)):
+        return None
+    return load().ezo_noise_axpy_layer
+
+
+def pointers(values) -> ctypes.Array:
+    """A C array of ``void *``: the data pointers of tensors (or plain addresses)."""
+    return (_PTR * len(values))(*values)
+
+
+def self_check(fn, layer) -> None:
+    """Raise unless the kernels equal ``zo.counter.directions`` on both kinds, odd offsets and
+    lengths, and the layer entry point equals one call per tensor at the running offsets."""
     from elasticzo.zo.counter import directions
 
     for code, kind in enumerate(("gaussian", "rademacher")):
@@ -71,3 +88,9 @@ def self_check(fn) -> None:
             want = x + directions(key, offset, n, kind) * a
             if not torch.equal(out, want):
                 raise RuntimeError(f"ezo_noise_axpy differs from the portable twin ({kind}, key {key}, offset {offset})")
+        xs, outs, scales = [torch.linspace(-1, 1, 37), torch.linspace(0, 2, 70)], [torch.empty(37), torch.empty(70)], (0.5, -3.0)
+        layer(2, (_I64 * 2)(37, 70), 99, code, pointers([x.data_ptr() for x in xs]), (ctypes.c_float * 2)(*scales),
+              pointers([o.data_ptr() for o in outs]))
+        if not (torch.equal(outs[0], xs[0] + directions(99, 0, 37, kind) * 0.5)
+                and torch.equal(outs[1], xs[1] + directions(99, 37, 70, kind) * -3.0)):
+            raise RuntimeError(f"ezo_noise_axpy_layer differs from the portable twin ({kind})")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from elasticzo.zo.counter import axpy, directions
+from elasticzo.zo.counter import axpy_layer, directions
 
 _MASK64 = (1 << 64) - 1
 
@@ -110,9 +110,6 @@ def layer_axpy(xs: list[torch.Tensor], key: int, kind: str, scales, outs: list |
     """[x + a * z_x] for the parameters ``xs`` of one layer (z_x: x's slice of the layer's direction
     ``key``); ``scales`` is one number / 0-dim tensor or one per parameter; ``outs`` (e.g. ``xs``
     for an in-place update) or new tensors receive the results."""
-    results, offset = [], 0
-    for n, x in enumerate(xs):
-        a = scales[n] if isinstance(scales, (list, tuple)) else scales
-        results.append(axpy(x, key, offset, kind, a, None if outs is None else outs[n]))
-        offset += x.numel()
-    return results
+    if not isinstance(scales, (list, tuple)):
+        scales = [scales] * len(xs)
+    return axpy_layer(xs, key, kind, scales, outs)

@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from elasticzo.instrument import memory_tag
-from elasticzo.zo.noise import layer_axpy
+from elasticzo.zo.counter import axpy_layer
 
 
 def perturb(params: list[torch.Tensor], key: int, kind: str, scale: float) -> list[torch.Tensor]:
     """theta + (scale * z) for each parameter of a layer, z the layer's direction ``key``: new
-    tensors, two roundings (``zo.counter.axpy``; the reference twin writes it as p + eps * z)."""
-    with torch.no_grad():  # a ZO parameter never takes part in autograd
-        return layer_axpy(params, key, kind, scale)
+    tensors, two roundings (``zo.counter.axpy``; the reference twin writes it as p + eps * z).
+    The results never require grad: a ZO parameter takes no part in autograd."""
+    return axpy_layer(params, key, kind, [scale] * len(params))
 
 
 @dataclass
@@ -100,8 +100,9 @@ def _swap_in(module: nn.Module, args) -> None:
         noisy = perturb(sources, spec.layer_seeds(index), spec.kind, spec.scale)
     if spec.source is not None:
         noisy = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(noisy, params)]
+    swapped = spec.swapped
     for (owner, name), param, value in zip(entries, params, noisy):
-        spec.swapped[(owner, name)] = param
+        swapped[(owner, name)] = param
         owner._parameters[name] = value  # plain tensor: read by the forward via getattr
 
 
@@ -110,9 +111,11 @@ def _swap_out(module: nn.Module, args, output) -> None:
     found = None if spec is None else spec.index.get(id(module))
     if found is None:
         return
+    swapped = spec.swapped
     for key in found[1]:
-        if key in spec.swapped:
-            key[0]._parameters[key[1]] = spec.swapped.pop(key)
+        param = swapped.pop(key, None)
+        if param is not None:
+            key[0]._parameters[key[1]] = param
 
 
 def _restore(swapped: dict) -> None:

@@ -16,7 +16,8 @@
 #include <stdint.h>
 
 #define EZO_API __attribute__((visibility("default")))
-#define EZO_NOISE_ABI 1
+#define EZO_NOISE_ABI 2
+#define WEYL 0x9E3779B9u /* the Weyl sequence's step: the golden ratio times 2^32 */
 #define GAUSS_SCALE 0.006765875f /* 1 / sqrt(4 * (256^2 - 1) / 12), as float32 (counter.py: GAUSS_SCALE) */
 
 EZO_API int ezo_noise_abi_version(void) { return EZO_NOISE_ABI; }
@@ -31,15 +32,16 @@ static inline uint32_t fmix32(uint32_t h) {
 }
 
 static inline uint32_t counter_hash(uint32_t klo, uint32_t khi, uint32_t c) {
-    return fmix32((c * 0x9E3779B9u + klo) ^ khi);
+    return fmix32((c * WEYL + klo) ^ khi);
 }
 
-/* The counter runs as its own uint32 (a truncated int64 index costs a conversion per vector), and
- * the four bytes are summed as two 16-bit pairs: 0.47 -> 0.41 ns per entry with AVX-512. */
+/* The Weyl term c * 0x9E3779B9 + key_lo advances by the constant per entry (mod 2^32), so it is
+ * carried as an induction variable: one 32-bit multiply per entry fewer than the definition.
+ * The four bytes are summed as two 16-bit pairs. */
 static void gaussian(uint32_t klo, uint32_t khi, int64_t i0, int64_t i1, const float *x, float a, float *y) {
-    uint32_t c = (uint32_t)i0;
-    for (int64_t i = i0; i < i1; i++, c++) {
-        uint32_t h = counter_hash(klo, khi, c);
+    uint32_t weyl = (uint32_t)i0 * WEYL + klo;
+    for (int64_t i = i0; i < i1; i++, weyl += WEYL) {
+        uint32_t h = fmix32(weyl ^ khi);
         uint32_t pairs = (h & 0x00FF00FFu) + ((h >> 8) & 0x00FF00FFu);
         int32_t s = (int32_t)((pairs & 0xFFFFu) + (pairs >> 16)) - 510;
         float z = (float)s * GAUSS_SCALE;
@@ -48,11 +50,15 @@ static void gaussian(uint32_t klo, uint32_t khi, int64_t i0, int64_t i1, const f
     }
 }
 
+/* One word per 32 entries: the word is hashed once and its bits taken in turn. */
 static void rademacher(uint32_t klo, uint32_t khi, int64_t i0, int64_t i1, const float *x, float a, float *y) {
-    for (int64_t i = i0; i < i1; i++) {
+    for (int64_t i = i0; i < i1;) {
         uint32_t word = counter_hash(klo, khi, (uint32_t)(i >> 5));
-        float t = a * (((word >> (i & 31)) & 1u) ? 1.0f : -1.0f);
-        y[i] = x[i] + t;
+        int64_t end = (i | 31) + 1 < i1 ? (i | 31) + 1 : i1;
+        for (; i < end; i++) {
+            float t = a * (((word >> (i & 31)) & 1u) ? 1.0f : -1.0f);
+            y[i] = x[i] + t;
+        }
     }
 }
 
@@ -65,4 +71,16 @@ EZO_API void ezo_noise_axpy(int64_t n, uint64_t key, int64_t offset, int32_t kin
         rademacher(klo, khi, offset, offset + n, x, a, y);
     else
         gaussian(klo, khi, offset, offset + n, x, a, y);
+}
+
+/* One layer in one call: tensor t holds entries [o_t, o_t + ns[t]) of the layer's direction, o_t
+ * the sum of the sizes before it (the layer's flat parameter vector), and gets ys[t] = xs[t] +
+ * as[t] * z. Saves a foreign call and its Python per tensor (a layer's weight and bias). */
+EZO_API void ezo_noise_axpy_layer(int32_t count, const int64_t *ns, uint64_t key, int32_t kind,
+                                  const float *const *xs, const float *as, float *const *ys) {
+    int64_t offset = 0;
+    for (int32_t t = 0; t < count; t++) {
+        ezo_noise_axpy(ns[t], key, offset, kind, xs[t], as[t], ys[t]);
+        offset += ns[t];
+    }
 }
