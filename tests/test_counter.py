@@ -172,10 +172,22 @@ def fnv1a(y: torch.Tensor) -> int:
     return h
 
 
+def _has_avx2() -> bool:
+    try:
+        return " avx2" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+AVX2 = pytest.param(["-march=x86-64-v3"], marks=pytest.mark.skipif(not _has_avx2(), reason="no AVX2 here"))
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
-@pytest.mark.parametrize("flags", [[], ["-march=native"]], ids=["portable", "native"])
+@pytest.mark.parametrize("flags", [[], ["-march=native"], AVX2], ids=["portable", "native", "avx2"])
 def test_the_torch_free_driver_prints_the_twins_digests(flags, tmp_path):
-    """The driver that scripts/aarch64_exactness.sh runs under qemu, checked here against the twin."""
+    """The driver that scripts/aarch64_exactness.sh runs under qemu, checked here against the twin;
+    the x86 builds take the hand-vectorised paths (AVX-512 VNNI with -march=native where the CPU has
+    it, AVX2 with x86-64-v3), the portable build the plain C loop."""
     exe = tmp_path / "digest"
     subprocess.run(["cc", "-O3", "-ffp-contract=off", "-std=c11", *flags, str(DIGEST), "-o", str(exe)], check=True, timeout=120)
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout.splitlines()
