@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import inspect
 import types
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -66,10 +66,15 @@ def pass_rng(devices: list[int]) -> Iterator[Callable[[int], None]]:
             g.set_state(state)
 
 
-@contextmanager
-def frozen_statistics(modules: list[nn.Module], frozen: bool) -> Iterator[None]:
+def frozen_statistics(modules: list[nn.Module], frozen: bool) -> ContextManager[None]:
     """If ``frozen``: the buffers of ``modules`` (BatchNorm running statistics) are the same after the block."""
-    saved = [(b, b.clone()) for m in modules for b in m.buffers(recurse=False)] if frozen else []
+    if not (frozen and modules):
+        return nullcontext()  # every pass of a model without running statistics: no generator frame
+    return _restoring([(b, b.clone()) for m in modules for b in m.buffers(recurse=False)])
+
+
+@contextmanager
+def _restoring(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
     try:
         yield
     finally:

@@ -31,13 +31,13 @@ from typing import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.optim import optimizer as torch_optimizer
 
 from elasticzo.config import BP_GRADS, NOISE_KINDS, TrainConfig
 from elasticzo.instrument import phase
 from elasticzo.optim.closure import (DROPOUT_STREAM, collect_pass, frozen_statistics, pass_caller, pass_rng,
                                      statistic_modules)
 from elasticzo.optim.split import BPSpec, Split, Unit, check_order, describe, run_order, split_model
-from elasticzo.zo.counter import axpy_layer
 from elasticzo.zo.noise import derive_seeds
 from elasticzo.zo.perturb import hooked_index, perturbed
 
@@ -226,9 +226,16 @@ class ElasticZO(torch.optim.Optimizer):
             raise ValueError(f"apply_zo_update: {len(grads)} projected gradients for queries={zo['queries']}")
         self._zo_update(zo, grads)
 
-    @torch.no_grad()
     def step(self, closure: Callable | None = None) -> torch.Tensor:  # type: ignore[override]
         """One ElasticZO step; returns the mean loss over all passes (a 0-dim tensor)."""
+        if _torch_step_wrapper_needed(self):
+            return _PROFILED_STEP(self, closure)
+        return self._step(closure)
+
+    step.hooked = True  # torch.optim must not wrap step() itself: _torch_step_wrapper_needed decides
+
+    @torch.no_grad()
+    def _step(self, closure: Callable | None) -> torch.Tensor:
         if closure is None:
             raise ValueError("ElasticZO.step needs a closure that computes the loss on the batch, e.g. "
                              "opt.step(lambda: F.cross_entropy(model(x), y)); it runs once per +- perturbation")
@@ -332,10 +339,10 @@ class ElasticZO(torch.optim.Optimizer):
             if g.is_cpu:  # read once per group here, not once per tensor by the kernel's caller
                 coefs = {k: float(c) for k, c in coefs.items()}
             keys = derive_seeds(zo["seed"], zo["step"], j, range(len(self.zo_layers)))
-            for i, entries in self._hooked().values():
+            for i, entries, directions in self._hooked().values():
                 params = [owner._parameters[name] for owner, name in entries]
                 sources = [self._source(p) for p in params] if self._has_masters else params
-                axpy_layer(sources, keys[i], zo["noise"], [coefs[id(self._zo_group_of[id(p)])] for p in params], sources)
+                directions(sources, keys[i], zo["noise"], [coefs[id(self._zo_group_of[id(p)])] for p in params], in_place=True)
         for p in self._low_precision_zo() if self._has_masters else []:
             p.copy_(self._source(p))
 
@@ -350,6 +357,17 @@ class ElasticZO(torch.optim.Optimizer):
             self.bp_optimizer.step()
         for g in groups:
             g["step"] += 1
+
+
+_PROFILED_STEP = torch.optim.Optimizer.profile_hook_step(ElasticZO._step)  # torch's wrapper: profiler range, step hooks
+
+
+def _torch_step_wrapper_needed(opt: ElasticZO) -> bool:
+    """True if a profiler runs or step hooks are registered: then ``step`` goes through torch.optim's
+    own wrapper (``Optimizer.profile_hook_step``). Otherwise it is skipped: its profiler range
+    costs tens of microseconds a step, a few percent of a small model's ZO step, for nobody."""
+    return bool(torch._C._autograd._profiler_enabled() or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks
+                or torch_optimizer._global_optimizer_pre_hooks or torch_optimizer._global_optimizer_post_hooks)
 
 
 def _as_groups(params: Iterable) -> list[dict]:

@@ -146,3 +146,32 @@ def axpy_layer(xs: list[torch.Tensor], key: int, kind: str, scales: list, outs: 
     kernel(len(xs), (ctypes.c_int64 * len(xs))(*sizes), key, code, pointers([x.data_ptr() for x in xs]),
            (ctypes.c_float * len(xs))(*[float(a) for a in scales]), pointers([out.data_ptr() for out in outs]))
     return outs
+
+
+class LayerDirections:
+    """``axpy_layer`` for one layer whose tensors stay the same (a ZO layer's parameters, perturbed
+    and updated every step): the native call's checks, sizes and input pointers are made once and
+    again only when a tensor moves to new storage, so a pass pays the outputs' allocation and one
+    foreign call (``axpy_layer``'s Python costs more than the kernel on a small layer)."""
+
+    def __init__(self):
+        self._ptrs: list[int] | None = None
+        self._kernel = self._sizes = self._xs = None
+
+    def __call__(self, xs: list[torch.Tensor], key: int, kind: str, scales: list, in_place: bool = False) -> list[torch.Tensor]:
+        """``axpy_layer(xs, key, kind, scales, xs if in_place else None)``."""
+        ptrs = [x.data_ptr() for x in xs]
+        if ptrs != self._ptrs:
+            self._prepare(xs, ptrs)
+        if self._kernel is None:
+            return axpy_layer(xs, key, kind, scales, xs if in_place else None)
+        outs = xs if in_place else [torch.empty_like(x) for x in xs]
+        out_ptrs = self._xs if in_place else _native().pointers([out.data_ptr() for out in outs])
+        self._kernel(len(xs), self._sizes, key, kind_code(kind), self._xs, (ctypes.c_float * len(xs))(*scales), out_ptrs)
+        return outs
+
+    def _prepare(self, xs: list[torch.Tensor], ptrs: list[int]) -> None:
+        sizes = [x.numel() for x in xs]
+        _check_range(0, sum(sizes))
+        self._ptrs, self._kernel = ptrs, _native().layer_kernel_for(xs, xs)
+        self._sizes, self._xs = (ctypes.c_int64 * len(xs))(*sizes), _native().pointers(ptrs)

@@ -17,68 +17,62 @@ A layer is an ``nn.Module`` (its own parameters are perturbed) or a unit of
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ContextManager
 
 import torch
 from torch import nn
 
 from elasticzo.instrument import memory_tag
-from elasticzo.zo.counter import axpy_layer
-
-
-def perturb(params: list[torch.Tensor], key: int, kind: str, scale: float) -> list[torch.Tensor]:
-    """theta + (scale * z) for each parameter of a layer, z the layer's direction ``key``: new
-    tensors, two roundings (``zo.counter.axpy``; the reference twin writes it as p + eps * z).
-    The results never require grad: a ZO parameter takes no part in autograd."""
-    return axpy_layer(params, key, kind, [scale] * len(params))
+from elasticzo.zo.counter import LayerDirections
 
 
 @dataclass
 class _Perturbation:
-    """What the hooks do while a ``perturbed`` block is active."""
-    index: dict[int, tuple[int, list]]  # id(module) -> (its position in the ZO part, its (owner, name) entries)
+    """What the hooks do while a ``perturbed`` block is active; the block's context manager."""
+    index: dict[int, tuple]  # id(module) -> (position in the ZO part, (owner, name) entries, LayerDirections)
     layer_seeds: Callable[[int], int]
     scale: float
     kind: str
     source: Callable[[torch.Tensor], torch.Tensor] | None = None  # parameter -> what to perturb (a float32 master)
     swapped: dict = field(default_factory=dict)  # (module, name) -> original Parameter
+    token: object = None
+
+    def __enter__(self) -> None:
+        self.token = _active.set(self)
+
+    def __exit__(self, *exc) -> None:
+        _active.reset(self.token)
+        _restore(self.swapped)  # a forward that raised half-way must not leave perturbed weights behind
 
 
 _active: ContextVar[_Perturbation | None] = ContextVar("elasticzo_perturbation", default=None)
 _HOOKED = "_elasticzo_perturb_hooks"
 
 
-def hooked_index(layers: list) -> dict[int, tuple[int, list]]:
-    """id(module) -> (position, (owner, name) entries) of ``layers``, their hooks installed: what a
-    ``perturbed`` block needs, built once by a caller that perturbs the same layers every pass."""
+def hooked_index(layers: list) -> dict[int, tuple[int, list, LayerDirections]]:
+    """id(module) -> (position, (owner, name) entries, its ``LayerDirections``) of ``layers``, their
+    hooks installed: what a ``perturbed`` block needs, built once by a caller that perturbs the
+    same layers every pass (and updates them through the same ``LayerDirections``)."""
     index = {}
     for i, layer in enumerate(layers):
         module, entries = layer_entries(layer)
         if not hasattr(module, _HOOKED):
             setattr(module, _HOOKED, (module.register_forward_pre_hook(_swap_in), module.register_forward_hook(_swap_out)))
-        index[id(module)] = (i, entries)
+        index[id(module)] = (i, entries, LayerDirections())
     return index
 
 
-@contextmanager
 def perturbed(layers: list[nn.Module], layer_seeds: Callable[[int], int], scale: float, kind: str,
               source: Callable[[torch.Tensor], torch.Tensor] | None = None,
-              index: dict[int, tuple[int, list]] | None = None) -> Iterator[None]:
+              index: dict[int, tuple] | None = None) -> ContextManager[None]:
     """Within the block, layer i computes with its parameters + scale * z_i, z_i from layer_seeds(i).
 
     ``source(p)`` is the tensor perturbed in place of ``p`` (a float32 master copy of a float16 /
     bfloat16 parameter): theta + scale z is formed in its precision, then cast to ``p``'s dtype.
     ``index``: ``hooked_index(layers)``, if the caller keeps it (the optimiser: one per run)."""
-    spec = _Perturbation(hooked_index(layers) if index is None else index, layer_seeds, scale, kind, source)
-    token = _active.set(spec)
-    try:
-        yield
-    finally:
-        _active.reset(token)
-        _restore(spec.swapped)  # a forward that raised half-way must not leave perturbed weights behind
+    return _Perturbation(hooked_index(layers) if index is None else index, layer_seeds, scale, kind, source)
 
 
 def layer_entries(layer) -> tuple[nn.Module, list[tuple[nn.Module, str]]]:
@@ -93,11 +87,11 @@ def _swap_in(module: nn.Module, args) -> None:
     found = None if spec is None else spec.index.get(id(module))
     if found is None:
         return
-    index, entries = found
+    index, entries, directions = found
     params = [owner._parameters[name] for owner, name in entries]
     sources = params if spec.source is None else [spec.source(p) for p in params]
     with memory_tag("zo_noise"):
-        noisy = perturb(sources, spec.layer_seeds(index), spec.kind, spec.scale)
+        noisy = directions(sources, spec.layer_seeds(index), spec.kind, [spec.scale] * len(sources))
     if spec.source is not None:
         noisy = [v if v.dtype == p.dtype else v.to(p.dtype) for v, p in zip(noisy, params)]
     swapped = spec.swapped
