@@ -18,7 +18,7 @@ from elasticzo.models import MLP
 from elasticzo.optim.closure import pass_rng
 from elasticzo.optim.elastic import ElasticZO
 from elasticzo.zo import native
-from elasticzo.zo.counter import GAUSS_SCALE, MAX_ELEMENTS, axpy, directions
+from elasticzo.zo.counter import GAUSS_SCALE, MAX_ELEMENTS, LayerDirections, axpy, directions
 from elasticzo.zo.noise import derive_seed, derive_seeds, layer_axpy, layer_noise
 
 FAST = settings(max_examples=60, deadline=None)
@@ -92,6 +92,29 @@ def test_layer_directions_run_across_its_parameters():
     assert torch.equal(z[0].reshape(-1), flat[:12]) and torch.equal(z[1], flat[12:])
     shifted = layer_axpy([weight, bias], 99, "gaussian", [1.0, 2.0])
     assert torch.equal(shifted[0], z[0]) and torch.equal(shifted[1], 0 + 2.0 * z[1])
+
+
+@FAST
+@given(KEYS, st.sampled_from(KINDS), st.lists(st.integers(0, 300), min_size=1, max_size=4))
+def test_layer_directions_equal_one_axpy_per_tensor_and_follow_a_moved_tensor(key, kind, sizes):
+    """The per-layer native call (sizes and pointers kept) gives the bits of one ``axpy`` per tensor
+    at the running offsets; after a tensor is replaced by one in new storage it reads the new one."""
+    layer = LayerDirections()
+    xs = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
+    scales = [0.5 * (t + 1) for t in range(len(sizes))]
+    want = [axpy(x, key, sum(sizes[:t]), kind, a) for t, (x, a) in enumerate(zip(xs, scales))]
+    assert all(torch.equal(a, b) for a, b in zip(layer(xs, key, kind, scales), want))
+    xs[0] = xs[0] + 1  # new storage, as after model.to() or p.data = ...
+    assert torch.equal(layer(xs, key, kind, scales)[0], axpy(xs[0], key, 0, kind, scales[0]))
+    base = torch.randn(2 * max(sizes) + 2)
+    xs[-1] = base[: sizes[-1]]
+    layer(xs, key, kind, scales)
+    xs[-1] = base[: 2 * sizes[-1] + 1]  # same storage and pointer, more entries: the sizes are made again
+    assert torch.equal(layer(xs, key, kind, scales)[-1], axpy(xs[-1], key, sum(sizes[:-1]), kind, scales[-1]))
+    updated = [x.clone() for x in xs]
+    layer(updated, key, kind, scales, in_place=True)
+    offsets = [sum(x.numel() for x in xs[:t]) for t in range(len(xs))]
+    assert all(torch.equal(u, axpy(x, key, o, kind, a)) for u, x, o, a in zip(updated, xs, offsets, scales))
 
 
 def test_non_contiguous_and_float64_parameters_take_the_portable_path():

@@ -282,3 +282,22 @@ def _positional_only(flag, /):
 def test_the_closure_form_read_from_its_code_agrees_with_its_signature(fn):
     from elasticzo.optim.closure import takes_backward
     assert takes_backward(fn) == _slow_takes_backward(fn)
+
+
+def test_step_hooks_and_the_profiler_still_see_a_step():
+    """step() skips torch.optim's wrapper only while nobody listens: registered step hooks run and a
+    running profiler records the step's range, as with any torch optimiser."""
+    model = MLP(hidden=(8,))
+    opt = ElasticZO.for_model(model, 0)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert calls == ["pre", "post"]
+    pre.remove(), post.remove()
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert calls == ["pre", "post"]
+    with torch.profiler.profile() as prof:
+        opt.step(lambda: F.cross_entropy(model(x), y))
+    assert any(e.name == "Optimizer.step#ElasticZO.step" for e in prof.events())

@@ -287,7 +287,9 @@ class ElasticZO(torch.optim.Optimizer):
         return self._zo_index
 
     def _check_finite(self, losses: torch.Tensor) -> None:
-        if self.nonfinite == "raise" and not bool(torch.isfinite(losses).all()):
+        if self.nonfinite != "raise":
+            return
+        if not (all(map(math.isfinite, losses.tolist())) if losses.is_cpu else bool(torch.isfinite(losses).all())):
             step = self.param_groups[0]["step"]
             raise NonFiniteLoss(f"ElasticZO step {step}: the loss is not finite ({[float(x) for x in losses]}); no "
                                 "parameter was updated. Lower lr_zo/lr_bp or eps, or pass nonfinite='ignore' to skip such ZO steps")

@@ -151,18 +151,18 @@ def axpy_layer(xs: list[torch.Tensor], key: int, kind: str, scales: list, outs: 
 class LayerDirections:
     """``axpy_layer`` for one layer whose tensors stay the same (a ZO layer's parameters, perturbed
     and updated every step): the native call's checks, sizes and input pointers are made once and
-    again only when a tensor moves to new storage, so a pass pays the outputs' allocation and one
-    foreign call (``axpy_layer``'s Python costs more than the kernel on a small layer)."""
+    again when a tensor changes (storage, size, dtype or layout), so a pass pays the outputs'
+    allocation and one foreign call (``axpy_layer``'s Python costs more than the kernel on a small layer)."""
 
     def __init__(self):
-        self._ptrs: list[int] | None = None
+        self._seen: list[tuple] | None = None
         self._kernel = self._sizes = self._xs = None
 
     def __call__(self, xs: list[torch.Tensor], key: int, kind: str, scales: list, in_place: bool = False) -> list[torch.Tensor]:
         """``axpy_layer(xs, key, kind, scales, xs if in_place else None)``."""
-        ptrs = [x.data_ptr() for x in xs]
-        if ptrs != self._ptrs:
-            self._prepare(xs, ptrs)
+        seen = [(x.data_ptr(), x.numel(), x.dtype, x.is_contiguous()) for x in xs]
+        if seen != self._seen:
+            self._prepare(xs, seen)
         if self._kernel is None:
             return axpy_layer(xs, key, kind, scales, xs if in_place else None)
         outs = xs if in_place else [torch.empty_like(x) for x in xs]
@@ -170,8 +170,8 @@ class LayerDirections:
         self._kernel(len(xs), self._sizes, key, kind_code(kind), self._xs, (ctypes.c_float * len(xs))(*scales), out_ptrs)
         return outs
 
-    def _prepare(self, xs: list[torch.Tensor], ptrs: list[int]) -> None:
+    def _prepare(self, xs: list[torch.Tensor], seen: list[tuple]) -> None:
         sizes = [x.numel() for x in xs]
         _check_range(0, sum(sizes))
-        self._ptrs, self._kernel = ptrs, _native().layer_kernel_for(xs, xs)
-        self._sizes, self._xs = (ctypes.c_int64 * len(xs))(*sizes), _native().pointers(ptrs)
+        self._seen, self._kernel = seen, _native().layer_kernel_for(xs, xs)
+        self._sizes, self._xs = (ctypes.c_int64 * len(xs))(*sizes), _native().pointers([x.data_ptr() for x in xs])
