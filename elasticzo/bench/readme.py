@@ -44,7 +44,7 @@ def _time_line(measure: dict) -> str:
               for k, _ in ROWS if f"{k}-int8" in meas and f"{k}-fp32" in meas]
     cpu = describe(meta["cpu"]) if meta.get("cpu") else f"{meta.get('machine', '?')} (CPU model not recorded)"
     k1 = " / ".join(f"{meas[k]['median_step_ms']:.1f} ms" for k in ("k1-fp32", "k1-int8") if k in meas)
-    return (f"Step time (median, batch 64, {meta.get('threads')} thread(s)): ElasticZO k=1 FP32 / INT8 {k1}; INT8 "
+    return (f"Step time (median wall clock, batch 64, {meta.get('threads')} thread(s)): ElasticZO k=1 FP32 / INT8 {k1}; INT8 "
             f"steps take {min(ratios):.1f}-{max(ratios):.1f}x (median {statistics.median(ratios):.1f}x) the time of "
             f"FP32 at the same split. Measured on {cpu}, commit `{(meta.get('git') or {}).get('commit', '?')[:7]}`, "
             f"{meta.get('date')}: `{meta.get('command')}`.")
