@@ -44,7 +44,15 @@ static ezo_conv_shape conv_shape(const int64_t *s) {
 }
 
 static int64_t xp_bytes(const ezo_conv_shape *s) { return align64(s->C * (s->H + 2 * s->ph) * (s->W + 2 * s->pw)); }
-static int64_t r_bytes(const ezo_conv_shape *s) { return align64(s->K * s->N); }
+/* The pixel-major patch copy of the portable product (the SIMD products pack their own operand). */
+static int64_t r_bytes(const ezo_conv_shape *s) {
+#ifdef __AVX2__
+    (void)s;
+    return 0;
+#else
+    return align64(s->K * s->N);
+#endif
+}
 
 /* One image with its zero border: xp[C][H + 2ph][W + 2pw], so patch reads need no bounds checks. */
 static void pad_image(const ezo_conv_shape *s, const int8_t *x, int8_t *xp) {
@@ -158,6 +166,7 @@ static void gemm_packed(int64_t M, int64_t N, int64_t K, const int32_t *Ap, cons
 
 static int64_t a_bytes(int64_t M, int64_t K) { return align64(M * pairs(K) * 4); }
 static int64_t b_bytes(int64_t N, int64_t K) { return align64(pairs(K) * padded16(N) * 4); }
+static int64_t gemm_bytes(int64_t M, int64_t N, int64_t K) { return a_bytes(M, K) + b_bytes(N, K); }
 
 static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
                     int32_t *C, int64_t ldc, void *work) {
@@ -168,7 +177,8 @@ static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t ld
 }
 #else
 static int64_t a_bytes(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
-static int64_t b_bytes(int64_t N, int64_t K) { return align64(N * K); }
+static int64_t b_bytes(int64_t N, int64_t K) { (void)N; (void)K; return 0; }
+static int64_t gemm_bytes(int64_t M, int64_t N, int64_t K) { (void)M; (void)N; (void)K; return 0; }
 
 /* Dot-product form: gcc turns the k loop into sdot (aarch64 +dotprod) or pmaddwd (x86). */
 static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
@@ -186,7 +196,7 @@ static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t ld
 }
 #endif
 
-EZO_API int64_t ezo_gemm_workspace(int64_t M, int64_t N, int64_t K) { return a_bytes(M, K) + b_bytes(N, K); }
+EZO_API int64_t ezo_gemm_workspace(int64_t M, int64_t N, int64_t K) { return gemm_bytes(M, N, K); }
 
 /* C[M, N] (row stride ldc) = A[M, K] * B[N, K]^T; work holds ezo_gemm_workspace(M, N, K) bytes. */
 EZO_API void ezo_gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B,
@@ -258,7 +268,7 @@ static conv_work conv_split(const ezo_conv_shape *s, void *work) {
 
 static void conv_prepare(const ezo_conv_shape *s, const int8_t *w, conv_work *cw) {
 #if defined(EZO_VNNI)
-    pack_a_quads(s->O, s->K, w, s->K, (int32_t *)cw->a);  /* once per call, not per image */
+    prepare_a(s->O, s->K, w, cw->a);  /* once per call, not per image */
 #elif defined(__AVX2__)
     pack_a_pairs(s->O, s->K, w, s->K, (int32_t *)cw->a);
 #else
@@ -271,7 +281,7 @@ static void conv_image(const ezo_conv_shape *s, const int8_t *x, const int8_t *w
 #if defined(EZO_VNNI)
     (void)w;
     pack_patches_quads(s, xp, (int32_t *)cw->b);
-    gemm_packed(s->O, s->N, s->K, (const int32_t *)cw->a, (const int32_t *)cw->b, acc, s->N);
+    conv_product(s->O, s->N, s->K, cw->a, (const int32_t *)cw->b, acc);
 #elif defined(__AVX2__)
     (void)w;
     pack_patches_pairs(s, xp, (int32_t *)cw->b);
