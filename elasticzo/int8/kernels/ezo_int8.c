@@ -5,14 +5,15 @@
  * rows are K-contiguous, int32 result. Callers keep K <= 131071 so the int32 sum cannot wrap.
  *   - x86-64 with AVX512-VNNI: vpdpbusd on byte quads, one operand offset by 128 and the offset
  *     subtracted per row (ezo_int8_vnni.c: 64 multiply-adds per instruction, exact, -128 included).
- *   - x86-64 with AVX2 only: both operands are repacked into int16 pairs and a 4 x 16 register block
- *     multiplies them with vpmaddwd (16 multiply-adds per instruction, exact for every int8
- *     value, -128 included).
+ *   - x86-64 with AVX2 only: int16 pairs and vpmaddwd (16 multiply-adds per instruction, exact for
+ *     every int8 value), or byte quads and vpmaddubsw where a convolution's inputs are all in
+ *     0..127 (ezo_int8_avx2.c).
  *   - elsewhere: a dot-product loop that gcc vectorises (sdot with -march=armv8.2-a+dotprod).
  * Convolutions pack one image's patches at a time into a small workspace (no batch-sized column
- * copy; an unpadded image is read in place) and call the same product; the requantisation epilogue (bit length of max|acc|, shift
- * with round half up, saturation to [-127, 127]) runs on one image's accumulator at a time.
- * The backward kernels (weight gradient, routing, NITI update) are in ezo_int8_backward.c, included last.
+ * copy; an unpadded image is read in place) and call the same product; the requantisation epilogue
+ * (bit length of max|acc|, shift with round half up, saturation to [-127, 127]) runs on one image's
+ * accumulator at a time. The backward kernels (weight gradient, routing, NITI update) are in
+ * ezo_int8_backward.c, included last.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -93,88 +94,13 @@ static inline const int8_t *next_patch_row(const ezo_conv_shape *s, const int8_t
 /* ------------------------------------------------------------------ the product */
 
 
+#ifdef __AVX2__
+#include "ezo_int8_quads.c"
+#endif
 #if defined(EZO_VNNI)
 #include "ezo_int8_vnni.c"
 #elif defined(__AVX2__)
-static int64_t pairs(int64_t K) { return (K + 1) / 2; }
-static int64_t padded16(int64_t N) { return (N + 15) / 16 * 16; }
-
-/* Ap: M rows of kp int32 words, each the int16 pair (A[m][2p], A[m][2p+1]) (0 past K). */
-static void pack_a_pairs(int64_t M, int64_t K, const int8_t *A, int64_t lda, int32_t *Ap) {
-    int64_t kp = pairs(K);
-    for (int64_t m = 0; m < M; m++) {
-        const int8_t *a = A + m * lda;
-        for (int64_t p = 0; p < kp; p++) {
-            int16_t lo = a[2 * p], hi = (2 * p + 1 < K) ? a[2 * p + 1] : 0;
-            Ap[m * kp + p] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
-        }
-    }
-}
-
-/* Bp: kp panels of np int32 words, word (p, n) the int16 pair (B[n][2p], B[n][2p+1]); 0 for n >= N. */
-static void pack_b_pairs(int64_t N, int64_t K, const int8_t *B, int64_t ldb, int32_t *Bp) {
-    int64_t kp = pairs(K), np = padded16(N);
-    memset(Bp, 0, (size_t)(kp * np) * sizeof(int32_t));
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *b = B + n * ldb;
-        for (int64_t p = 0; p < kp; p++) {
-            int16_t lo = b[2 * p], hi = (2 * p + 1 < K) ? b[2 * p + 1] : 0;
-            Bp[p * np + n] = (int32_t)((uint32_t)(uint16_t)lo | ((uint32_t)(uint16_t)hi << 16));
-        }
-    }
-}
-
-static inline void store_row(int32_t *c, __m256i lo, __m256i hi, int64_t cols) {
-    if (cols >= 16) {
-        _mm256_storeu_si256((__m256i *)c, lo);
-        _mm256_storeu_si256((__m256i *)(c + 8), hi);
-        return;
-    }
-    int32_t tmp[16];
-    _mm256_storeu_si256((__m256i *)tmp, lo);
-    _mm256_storeu_si256((__m256i *)(tmp + 8), hi);
-    memcpy(c, tmp, (size_t)cols * sizeof(int32_t));
-}
-
-/* C[m0 .. m0+rows, n0 .. n0+cols), rows <= 4, cols <= 16: 8 accumulators, vpmaddwd per pair. */
-static void block_4x16(const int32_t *Ap, const int32_t *Bp, int64_t kp, int64_t np, int64_t m0, int64_t rows,
-                       int64_t n0, int64_t cols, int32_t *C, int64_t ldc) {
-    __m256i acc[4][2];
-    const int32_t *a[4];
-    for (int r = 0; r < 4; r++) {
-        acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-        a[r] = Ap + (m0 + (r < rows ? r : 0)) * kp;
-    }
-    for (int64_t p = 0; p < kp; p++) {
-        const int32_t *b = Bp + p * np + n0;
-        __m256i b0 = _mm256_loadu_si256((const __m256i *)b), b1 = _mm256_loadu_si256((const __m256i *)(b + 8));
-        for (int r = 0; r < 4; r++) {
-            __m256i av = _mm256_set1_epi32(a[r][p]);
-            acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(av, b0));
-            acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(av, b1));
-        }
-    }
-    for (int r = 0; r < rows; r++) store_row(C + (m0 + r) * ldc + n0, acc[r][0], acc[r][1], cols);
-}
-
-static void gemm_packed(int64_t M, int64_t N, int64_t K, const int32_t *Ap, const int32_t *Bp, int32_t *C, int64_t ldc) {
-    int64_t kp = pairs(K), np = padded16(N);
-    for (int64_t n0 = 0; n0 < N; n0 += 16)
-        for (int64_t m0 = 0; m0 < M; m0 += 4)
-            block_4x16(Ap, Bp, kp, np, m0, M - m0 < 4 ? M - m0 : 4, n0, N - n0 < 16 ? N - n0 : 16, C, ldc);
-}
-
-static int64_t a_bytes(int64_t M, int64_t K) { return align64(M * pairs(K) * 4); }
-static int64_t b_bytes(int64_t N, int64_t K) { return align64(pairs(K) * padded16(N) * 4); }
-static int64_t gemm_bytes(int64_t M, int64_t N, int64_t K) { return a_bytes(M, K) + b_bytes(N, K); }
-
-static void gemm_nt(int64_t M, int64_t N, int64_t K, const int8_t *A, int64_t lda, const int8_t *B, int64_t ldb,
-                    int32_t *C, int64_t ldc, void *work) {
-    int32_t *Ap = (int32_t *)work, *Bp = (int32_t *)((char *)work + a_bytes(M, K));
-    pack_a_pairs(M, K, A, lda, Ap);
-    pack_b_pairs(N, K, B, ldb, Bp);
-    gemm_packed(M, N, K, Ap, Bp, C, ldc);
-}
+#include "ezo_int8_avx2.c"
 #else
 static int64_t a_bytes(int64_t M, int64_t K) { (void)M; (void)K; return 0; }
 static int64_t b_bytes(int64_t N, int64_t K) { (void)N; (void)K; return 0; }
@@ -254,7 +180,7 @@ EZO_API int64_t ezo_conv2d_workspace(const int64_t *shape) {
     return a_bytes(s.O, s.K) + xp_bytes(&s) + r_bytes(&s) + b_bytes(s.N, s.K);
 }
 
-typedef struct { void *a, *xp, *r, *b; } conv_work;
+typedef struct { void *a, *xp, *r, *b; int u8; } conv_work;  /* u8: every input byte in 0..127 */
 
 static conv_work conv_split(const ezo_conv_shape *s, void *work) {
     char *w = (char *)work;
@@ -266,13 +192,29 @@ static conv_work conv_split(const ezo_conv_shape *s, void *work) {
     return cw;
 }
 
-static void conv_prepare(const ezo_conv_shape *s, const int8_t *w, conv_work *cw) {
+#if defined(__AVX2__) && !defined(EZO_VNNI)
+/* Whether all n bytes are in 0..127 (no sign bit set). */
+static int all_nonnegative(int64_t n, const int8_t *x) {
+    uint8_t any = 0;
+    for (int64_t i = 0; i < n; i++) any |= (uint8_t)x[i];
+    return !(any & 0x80);
+}
+#endif
+
+/* Once per call, not per image: the weights packed for the product the batch takes. */
+static void conv_prepare(const ezo_conv_shape *s, int64_t B, const int8_t *x, const int8_t *w, conv_work *cw) {
+    cw->u8 = 0;
 #if defined(EZO_VNNI)
-    prepare_a(s->O, s->K, w, cw->a);  /* once per call, not per image */
+    (void)B; (void)x;
+    prepare_a(s->O, s->K, w, cw->a);
 #elif defined(__AVX2__)
-    pack_a_pairs(s->O, s->K, w, s->K, (int32_t *)cw->a);
+    cw->u8 = all_nonnegative(B * s->C * s->H * s->W, x);
+    if (cw->u8)
+        pack_a_quads(s->O, s->K, w, s->K, (int8_t *)cw->a);
+    else
+        pack_a_pairs(s->O, s->K, w, s->K, (int32_t *)cw->a);
 #else
-    (void)s; (void)w; (void)cw;
+    (void)s; (void)B; (void)x; (void)w; (void)cw;
 #endif
 }
 
@@ -280,10 +222,15 @@ static void conv_image(const ezo_conv_shape *s, const int8_t *x, const int8_t *w
     const int8_t *xp = padded_source(s, x, (int8_t *)cw->xp);
 #if defined(EZO_VNNI)
     (void)w;
-    pack_patches_quads(s, xp, (int32_t *)cw->b);
+    pack_patches_quads(s, xp, (int32_t *)cw->b, 0x80);
     conv_product(s->O, s->N, s->K, cw->a, (const int32_t *)cw->b, acc);
 #elif defined(__AVX2__)
     (void)w;
+    if (cw->u8) {
+        pack_patches_quads(s, xp, (int32_t *)cw->b, 0);
+        gemm_quads_u8(s->O, s->N, s->K, (const int8_t *)cw->a, (const int32_t *)cw->b, acc, s->N);
+        return;
+    }
     pack_patches_pairs(s, xp, (int32_t *)cw->b);
     gemm_packed(s->O, s->N, s->K, (const int32_t *)cw->a, (const int32_t *)cw->b, acc, s->N);
 #else
@@ -301,7 +248,7 @@ static void conv_image(const ezo_conv_shape *s, const int8_t *x, const int8_t *w
 EZO_API void ezo_conv2d(int64_t B, const int64_t *shape, const int8_t *x, const int8_t *w, int32_t *acc, void *work) {
     ezo_conv_shape s = conv_shape(shape);
     conv_work cw = conv_split(&s, work);
-    conv_prepare(&s, w, &cw);
+    conv_prepare(&s, B, x, w, &cw);
     for (int64_t b = 0; b < B; b++) conv_image(&s, x + b * s.C * s.H * s.W, w, acc + b * s.O * s.N, &cw);
 }
 
@@ -429,7 +376,7 @@ EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t
     ezo_conv_shape s = conv_shape(shape);
     conv_work cw = conv_split(&s, work);
     int64_t in = s.C * s.H * s.W, n = s.O * s.N, nb = (n + 7) / 8, S = 0;
-    conv_prepare(&s, w, &cw);
+    conv_prepare(&s, B, x, w, &cw);
     for (int64_t b = 0; b < B; b++) {
         conv_image(&s, x + b * in, w, scratch, &cw);
         if (bias) add_channel_bias(s.O, s.N, scratch, bias);
