@@ -266,3 +266,14 @@ def test_int8_run_learns_and_resumes_bit_identically(tmp_path, data_root, monkey
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["model.0.weight"].dtype == torch.int8 and a["model.0.exponent"].tolist() == -7
     assert json.loads((tmp_path / "full" / "config.json").read_text())["precision"] == "int8"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**62), st.integers(-(2**62), 2**62), st.integers(-8, 30))
+def test_running_shift_in_python_ints_equals_the_tensor_rule(scale, d, zo_shift):
+    """The CPU path of the ZO update (Python ints) and the device path (0-dim tensors) agree."""
+    from elasticzo.int8.elastic import running_shift, running_shift_int
+
+    running, s = running_shift(torch.tensor(scale), torch.tensor(d), zo_shift)
+    assert (int(running), int(s)) == running_shift_int(scale, d, zo_shift)
+

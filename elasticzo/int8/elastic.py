@@ -213,13 +213,12 @@ class IntElasticZO(torch.optim.Optimizer):
         scale = self.state[self.zo_layers[0].weight]["d_scale"]
         self.last_projected_grads = d.reshape(1)
         if scale.device.type == "cpu":  # Python ints: the same integers without a dozen 0-dim tensor ops
-            d, running = int(d), int(scale)
-            running = running - (running >> EMA_SHIFT) + (abs(d) >> EMA_SHIFT)
+            d = int(d)
+            running, s = running_shift_int(int(scale), d, zo["zo_shift"])
             scale.fill_(running)
-            s = min(max(max(running, 1).bit_length() + zo["zo_shift"], 0), 62)
         else:
-            scale.copy_(scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT))
-            s = (bitlength(scale.clamp(min=1)) + zo["zo_shift"]).clamp(0, 62)
+            running, s = running_shift(scale, d, zo["zo_shift"])
+            scale.copy_(running)
         for i, (_, tensor) in enumerate(_tensors(self.zo_layers)):  # in place, z streamed: no copy, no whole z
             zo_update_(tensor, self._generator(zo, i, tensor.device), d, s, self.state[tensor]["carry"])
 
@@ -233,6 +232,19 @@ class IntElasticZO(torch.optim.Optimizer):
             if layer.bias is not None:
                 layer.bias.copy_(niti_update(layer.bias, layer.bias_grad, bp["mu"]))
             layer.grad_acc = layer.grad_exponent = layer.bias_grad = None
+
+
+def running_shift(scale: torch.Tensor, d: torch.Tensor, zo_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(D', s): the running |d| after this step's d, D' = D - D/16 + |d|/16 (shifts), and the step's
+    shift s = clamp(bitlength(max(D', 1)) + zo_shift, 0, 62), as 0-dim int64 tensors (no host sync)."""
+    running = scale - (scale >> EMA_SHIFT) + (d.abs() >> EMA_SHIFT)
+    return running, (bitlength(running.clamp(min=1)) + zo_shift).clamp(0, 62)
+
+
+def running_shift_int(scale: int, d: int, zo_shift: int) -> tuple[int, int]:
+    """``running_shift`` in Python integers (the CPU path): the same two integers."""
+    running = scale - (scale >> EMA_SHIFT) + (abs(d) >> EMA_SHIFT)
+    return running, min(max(max(running, 1).bit_length() + zo_shift, 0), 62)
 
 
 def _tensors(layers: list[_WeightLayer]) -> list[tuple[_WeightLayer, torch.Tensor]]:
