@@ -100,7 +100,7 @@ def as_loss(value, needs_grad: bool) -> torch.Tensor:
     if value.numel() != 1:
         raise ValueError(f"ElasticZO: the closure returned a loss of shape {tuple(value.shape)}; "
                          "return one number (reduce it, e.g. loss.mean())")
-    return value.reshape(())
+    return value if value.dim() == 0 else value.reshape(())
 
 
 def pass_caller(closure: Callable) -> Callable[[bool], object]:
@@ -143,4 +143,4 @@ def collect_pass(call: Callable[[bool], object], backward: bool, bp_params: list
                 grads[i] = p.grad if grads[i] is None else grads[i].add_(p.grad)
     for p in bp_params:
         p.grad = None
-    return loss.detach()
+    return loss.detach() if loss.requires_grad else loss  # a ZO-only pass built no graph: nothing to cut

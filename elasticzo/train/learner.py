@@ -90,11 +90,12 @@ def micro_batched_closure(model: nn.Module, x, y: torch.Tensor, micro_batch: int
     def closure(backward: bool = True) -> torch.Tensor:
         total = None
         for lo, hi in bounds:
-            xs = x[lo:hi] if len(bounds) > 1 else whole(x)
-            loss = F.cross_entropy(model(xs), y[lo:hi], reduction="sum") / batch
+            xs, ys = (x[lo:hi], y[lo:hi]) if len(bounds) > 1 else (whole(x), y)
+            loss = F.cross_entropy(model(xs), ys, reduction="sum") / batch
             if backward:
                 loss.backward()
-            total = loss.detach() if total is None else total + loss.detach()
+            loss = loss.detach() if loss.requires_grad else loss
+            total = loss if total is None else total + loss
         return total
 
     return closure
