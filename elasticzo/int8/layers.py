@@ -144,12 +144,9 @@ class _WeightLayer(IntLayer):
         return add_bias(acc, bias, self._bias_exponent, exponent, self.weight[0].numel(), dim)
 
     def _keep_bias_grad(self, grad: torch.Tensor, dim: int) -> None:
-        if self.bias is None:
-            self.bias_grad = None
-        elif self.sum_grad and self.bias_grad is not None:
-            self.bias_grad.add_(bias_gradient(grad, dim))  # int64: exact in any order
-        else:
-            self.bias_grad = bias_gradient(grad, dim)
+        part = None if self.bias is None else bias_gradient(grad, dim)
+        summing = self.sum_grad and part is not None and self.bias_grad is not None
+        self.bias_grad = self.bias_grad.add_(part) if summing else part  # int64: exact in any order
 
     def _keep_weight_grad(self, rows_of: Callable[[int, int], torch.Tensor], terms: int, exponent: Exponent,
                           operands: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:

@@ -5,11 +5,13 @@ Everything in an integer pass is per example except two things, and both are mad
 - the requantisation shifts, one per tensor of the whole batch: a ``ShiftPlan`` finds them
   (``int8.shiftplan``): usually one sweep over the chunks on the last step's shifts, verified;
 - the sums over the batch (the loss, the weight gradients of the BP layers): integer sums are
-  exact in any order, so the chunks' sums are added up.
+  exact in any order, so the chunks' sums are added up; a BP layer's backward adds its chunk's
+  weight gradient straight into the batch's int32 sum (``add_weight_grad``): the only copy.
 
 So a micro-batched step equals the unchunked step bit for bit, for every chunk size; only the
-peak memory (one chunk's activations and int32 accumulators) and the time (the recomputation
-of the extra sweeps when the shifts changed since the last step) change.
+peak memory (one chunk's activations and int32 accumulators, the BP layers' gradient sums) and
+the time (the recomputation of the extra sweeps when the shifts changed since the last step)
+change.
 
 Example::
 
