@@ -294,3 +294,49 @@ def test_streamed_zo_steps_native_equal_portable(n, d, s, eps, fill, seed):
     zo_update_(w_nat, g(), torch.tensor(d), torch.tensor(s), c_nat)
     _portable(lambda: zo_update_(w_ref, g(), torch.tensor(d), torch.tensor(s), c_ref))
     assert torch.equal(w_nat, w_ref) and torch.equal(c_nat, c_ref)
+
+
+def _train_steps(method: dict, through_dispatcher: bool, monkeypatch, steps: int = 2):
+    """The weights of an INT8 LeNet-5 after ``steps`` steps on a fixed random batch."""
+    from elasticzo.config import TrainConfig
+    from elasticzo.int8 import native_ops
+    from elasticzo.train.loop import make_learner
+
+    monkeypatch.setattr(native_ops, "_watched", (lambda: True) if through_dispatcher else native_ops._watched)
+    torch.manual_seed(0)
+    learner = make_learner(TrainConfig(precision="int8", batch_size=8, **method), 10, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 256, (8, 1, 28, 28), generator=gen, dtype=torch.uint8), torch.randint(0, 10, (8,), generator=gen)
+    for _ in range(steps):
+        learner.train_step(x, y)
+    monkeypatch.undo()
+    return [t.clone() for t in learner.model.state_dict().values()]
+
+
+@pytest.mark.parametrize("method", [{"method": "zo"}, {"method": "elasticzo", "bp_layers": 1}, {"method": "bp"}])
+def test_direct_calls_equal_the_dispatcher_path(method, monkeypatch):
+    """OPS skips torch's dispatcher when nothing watches; a training step's weights are the same bits."""
+    direct = _train_steps(method, False, monkeypatch)
+    dispatched = _train_steps(method, True, monkeypatch)
+    assert len(direct) == len(dispatched) > 0
+    assert all(torch.equal(a, b) for a, b in zip(direct, dispatched))
+
+
+def test_a_dispatch_mode_still_sees_the_native_ops():
+    """The integer-only audit (a TorchDispatchMode) records the registered op, not nothing."""
+    from elasticzo.int8.audit import DtypeAudit
+    from elasticzo.int8.native_ops import OPS
+
+    acc = torch.arange(-300, 300, dtype=torch.int32)
+    with DtypeAudit() as audit:
+        values, s = OPS.requantize(acc)
+    assert any("elasticzo_int8.requantize" in name for name, _ in audit.ops)
+    assert torch.equal(values, OPS.requantize(acc)[0]) and int(s) == 2  # bitlength(300) - 7
+
+
+def test_a_direct_call_refuses_a_non_cpu_tensor():
+    """Called directly, an op still names a tensor off the CPU instead of passing its pointer to C."""
+    from elasticzo.int8.native_ops import OPS
+
+    with pytest.raises(TypeError, match="CPU"):
+        OPS.relu_forward(torch.zeros(4, dtype=torch.int8, device="meta"))

@@ -2,7 +2,11 @@
 
 Each op checks its operands, allocates its output and workspace as torch tensors (so memory
 measurements see them) and calls the C function of ``native`` on the data pointers. The ops are
-only reached through ``int8.ops`` / ``int8.format`` after ``native.load()`` succeeded.
+only reached through ``int8.ops`` / ``int8.format`` after ``native.load()`` succeeded, as
+``OPS.name``: that runs the Python implementation directly unless a ``TorchDispatchMode`` (the
+integer-only audit, the memory tracker) or ``torch.compile`` is watching, which then see the
+registered op as before. The dispatcher's round trip costs a few microseconds a call, and an INT8
+ZO step makes about 76 calls; the results are the same function's either way.
 """
 from __future__ import annotations
 
@@ -14,9 +18,21 @@ NAMESPACE = "elasticzo_int8"
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 
 
+_IMPLS: dict = {}
+
+
 def _register(schema: str, fn) -> None:
+    name = schema.split("(")[0]
     _LIBRARY.define(schema)
-    _LIBRARY.impl(schema.split("(")[0], fn, "CPU")
+    _LIBRARY.impl(name, fn, "CPU")
+    _IMPLS[name] = fn
+
+
+def _cpu(*tensors: torch.Tensor) -> None:
+    """Raise unless every operand is on the CPU (the dispatcher no longer says so when called directly)."""
+    for t in tensors:
+        if not t.is_cpu:
+            raise TypeError(f"native int8 kernels take CPU tensors, got one on {t.device}")
 
 
 def _need(t: torch.Tensor, dtype: torch.dtype, dims: int, name: str) -> torch.Tensor:
@@ -87,7 +103,7 @@ def _conv2d_requant(x: torch.Tensor, w: torch.Tensor, stride: list[int], padding
     work, p = _workspace(lib.ezo_conv2d_workspace(shape)), native.ptr
     b = None if bias is None else p(bias)
     s = lib.ezo_conv2d_requant(x.shape[0], shape, p(x), p(w), b, p(out), p(scratch), p(bits), p(shifts), p(work))
-    return out, torch.tensor(s, dtype=torch.int64)
+    return out, torch.scalar_tensor(s, dtype=torch.int64)
 
 
 def _conv2d_grad_weight(g: torch.Tensor, x: torch.Tensor, weight_shape: list[int], stride: list[int],
@@ -121,7 +137,7 @@ def _conv2d_grad_input_requant(g: torch.Tensor, w: torch.Tensor, input_shape: li
     shifts = torch.empty(g.shape[0], dtype=torch.int64)
     work, p = _workspace(lib.ezo_conv2d_grad_input_workspace(shape)), native.ptr
     s = lib.ezo_conv2d_grad_input_requant(g.shape[0], shape, p(g), p(w), p(out), p(scratch), p(bits), p(shifts), p(work))
-    return out, torch.tensor(s, dtype=torch.int64)
+    return out, torch.scalar_tensor(s, dtype=torch.int64)
 
 
 def _requantize(acc: torch.Tensor):
@@ -131,15 +147,15 @@ def _requantize(acc: torch.Tensor):
     acc = acc.contiguous()
     lib, p = native.lib(), native.ptr
     s = lib.ezo_requant_shift(acc.numel(), p(acc))
-    out = torch.empty(acc.shape, dtype=torch.int8)
+    out = torch.empty_like(acc, dtype=torch.int8)  # contiguous, as acc
     lib.ezo_requant(acc.numel(), p(acc), s, p(out))
-    return out, torch.tensor(s, dtype=torch.int64)
+    return out, torch.scalar_tensor(s, dtype=torch.int64)
 
 
 def _requant_shift(acc: torch.Tensor) -> torch.Tensor:
     """0-dim int64 max(bitlength(max|acc|) - 7, 0): the shift ``_requantize`` would take."""
     acc = _need(acc, torch.int32, acc.dim(), "acc")
-    return torch.tensor(native.lib().ezo_requant_shift(acc.numel(), native.ptr(acc)), dtype=torch.int64)
+    return torch.scalar_tensor(native.lib().ezo_requant_shift(acc.numel(), native.ptr(acc)), dtype=torch.int64)
 
 
 def _requantize_at(acc: torch.Tensor, s: int) -> torch.Tensor:
@@ -147,7 +163,7 @@ def _requantize_at(acc: torch.Tensor, s: int) -> torch.Tensor:
     acc = _need(acc, torch.int32, acc.dim(), "acc")
     if not 0 <= s < 31:
         raise ValueError(f"requantize_at: shift s={s} must be in 0..30")
-    out = torch.empty(acc.shape, dtype=torch.int8)
+    out = torch.empty_like(acc, dtype=torch.int8)
     native.lib().ezo_requant(acc.numel(), native.ptr(acc), s, native.ptr(out))
     return out
 
@@ -181,8 +197,9 @@ def _relu_forward(x: torch.Tensor):
     """(max(x, 0), x > 0) of an int8 tensor in one pass: the values and the mask the backward keeps."""
     if x.dtype != torch.int8:
         raise TypeError(f"relu_forward expects int8, got {x.dtype}")
+    _cpu(x)
     x = x.contiguous()
-    out, mask, p = torch.empty_like(x), torch.empty(x.shape, dtype=torch.bool), native.ptr
+    out, mask, p = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool), native.ptr
     native.lib().ezo_relu_forward(x.numel(), p(x), p(out), p(mask))
     return out, mask
 
@@ -192,6 +209,7 @@ def _relu_backward(g: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     if g.dtype != torch.int8 or mask.dtype != torch.bool or g.shape != mask.shape:
         raise TypeError(f"relu_backward: int8 g and bool mask of one shape, got {g.dtype} {tuple(g.shape)}, "
                         f"{mask.dtype} {tuple(mask.shape)}")
+    _cpu(g, mask)
     g, mask = g.contiguous(), mask.contiguous()
     out, p = torch.empty_like(g), native.ptr
     native.lib().ezo_relu_backward(g.numel(), p(g), p(mask), p(out))
@@ -203,6 +221,7 @@ def _niti_update(w: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Tensor:
     if w.dtype != torch.int8 or grad.dtype not in (torch.int32, torch.int64) or w.numel() != grad.numel():
         raise TypeError(f"niti_update: int8 weight and an int32/int64 gradient of as many entries, got "
                         f"{w.dtype} {tuple(w.shape)}, {grad.dtype} {tuple(grad.shape)}")
+    _cpu(w, grad)
     w, grad = w.contiguous(), grad.contiguous()
     out, p, lib = torch.empty_like(w), native.ptr, native.lib()
     update = lib.ezo_niti_update32 if grad.dtype == torch.int32 else lib.ezo_niti_update64
@@ -214,6 +233,7 @@ def _zo_update_carry(w: torch.Tensor, z: torch.Tensor, d: int, s: int, carry: to
     """sat(W - whole units of carry + d z / 2**(s - 8)); the fraction stays in ``carry`` (written in place)."""
     if not (carry.dtype == torch.uint8 and carry.is_contiguous() and carry.numel() == w.numel() == z.numel()):
         raise ValueError(f"zo_update: carry must be a contiguous uint8 tensor of {w.numel()} entries")
+    _cpu(w, z, carry)
     w, z = w.contiguous(), z.contiguous()
     out, p = torch.empty_like(w), native.ptr
     native.lib().ezo_zo_update_carry(w.numel(), p(w), p(z), d, s, p(carry), p(out))
@@ -231,6 +251,7 @@ def _perturb_words(w: torch.Tensor, words: torch.Tensor, eps: int, out: torch.Te
     """out = sat(W + eps z), z the Rademacher signs of ``words`` (zo.noise.random_bits' order); out contiguous."""
     if not (w.is_contiguous() and out.is_contiguous() and out.dtype == w.dtype == torch.int8 and out.numel() == w.numel()):
         raise ValueError("perturb_words: w and out must be contiguous int8 tensors of one size")
+    _cpu(w, out)
     words, p = _words(words, w.numel()), native.ptr
     native.lib().ezo_perturb_words(w.numel(), p(w), p(words), eps, p(out))
 
@@ -240,11 +261,13 @@ def _zo_update_words(w: torch.Tensor, words: torch.Tensor, d: int, s: int, carry
     if not (w.is_contiguous() and carry.is_contiguous() and w.dtype == torch.int8 and carry.dtype == torch.uint8
             and carry.numel() == w.numel()):
         raise ValueError("zo_update_words: w (int8) and carry (uint8) must be contiguous and of one size")
+    _cpu(w, carry)
     words, p = _words(words, w.numel()), native.ptr
     native.lib().ezo_zo_update_words(w.numel(), p(w), p(words), d, s, p(carry))
 
 
 def _perturb(w: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
+    _cpu(w, z)
     w, z = w.contiguous(), z.contiguous()
     out, p = torch.empty_like(w), native.ptr
     native.lib().ezo_perturb(w.numel(), p(w), p(z), eps, p(out))
@@ -254,6 +277,7 @@ def _perturb(w: torch.Tensor, z: torch.Tensor, eps: int) -> torch.Tensor:
 def _cross_entropy(q: torch.Tensor, exponent: int, target: torch.Tensor, pow_hi: torch.Tensor, pow_lo: torch.Tensor,
                    log_frac: torch.Tensor, with_grad: bool):
     """(loss per example int64 [B], int8 error [B, C] or an empty tensor), as ``loss.cross_entropy``."""
+    _cpu(target, pow_hi, pow_lo, log_frac)
     q, target = _need(q, torch.int8, 2, "logits"), target.to(torch.int64).contiguous()
     b, c = q.shape
     loss = torch.empty(b, dtype=torch.int64)
@@ -287,7 +311,32 @@ _register("perturb_words(Tensor w, Tensor words, int eps, Tensor(a!) out) -> ()"
 _register("zo_update_words(Tensor(a!) w, Tensor words, int d, int s, Tensor(b!) carry) -> ()", _zo_update_words)
 _register("cross_entropy(Tensor q, int exponent, Tensor target, Tensor pow_hi, Tensor pow_lo, Tensor log_frac, "
           "bool with_grad) -> (Tensor, Tensor)", _cross_entropy)
-OPS = getattr(torch.ops, NAMESPACE)
+
+
+def _watched() -> bool:
+    """Whether a dispatch mode or torch.compile must see the op (then it goes through the dispatcher)."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch.compiler.is_compiling()
+
+
+def _direct(op, impl):
+    def call(*args, **kwargs):
+        return op(*args, **kwargs) if _watched() else impl(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = impl.__name__.lstrip("_")
+    call.__doc__ = impl.__doc__
+    return call
+
+
+class _Ops:
+    """``OPS.name(...)``: the op ``name``, without the dispatcher's round trip when nothing watches."""
+
+    def __init__(self, registered):
+        for name, impl in _IMPLS.items():
+            setattr(self, name, _direct(getattr(registered, name), impl))
+
+
+TORCH_OPS = getattr(torch.ops, NAMESPACE)  # the registered ops, always through the dispatcher
+OPS = _Ops(TORCH_OPS)
 
 
 def self_check() -> None:
