@@ -244,3 +244,19 @@ def test_derive_seeds_is_derive_seed_per_layer(seed, step, query, layers):
     want = [_splitmix_chain(seed, step, query, layer) for layer in layers]
     assert derive_seeds(seed, step, query, layers) == want
     assert [derive_seed(seed, step, query, layer) for layer in layers] == want
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_an_update_in_place_bumps_the_version_so_a_stale_graph_refuses_backward(per_layer):
+    """The native kernel writes outside torch; like torch's in-place ops it must bump the tensor's
+    version, or a graph that saved the old values would silently use the new ones."""
+    w = torch.ones(5, requires_grad=True)
+    loss = (w * w).sum()  # saves w for backward
+    with torch.no_grad():
+        if per_layer:
+            LayerDirections()([w], 7, "gaussian", [0.1], in_place=True)
+        else:
+            axpy(w, 7, 0, "gaussian", 0.1, out=w)
+    assert not torch.equal(w.detach(), torch.ones(5))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -301,3 +301,20 @@ def test_step_hooks_and_the_profiler_still_see_a_step():
     with torch.profiler.profile() as prof:
         opt.step(lambda: F.cross_entropy(model(x), y))
     assert any(e.name == "Optimizer.step#ElasticZO.step" for e in prof.events())
+
+
+def test_a_subclass_that_overrides_step_runs_the_step_hooks_once():
+    """torch.optim wraps a subclass's own step(); ElasticZO.step must then not wrap again."""
+    class Logged(ElasticZO):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    model = MLP(hidden=(8,))
+    opt = Logged.for_model(model, 0)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    calls = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
+    opt.step(lambda: F.cross_entropy(model(x), y))
+    assert calls == ["pre", "post"]
+    assert opt.param_groups[0]["step"] == 1

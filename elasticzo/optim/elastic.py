@@ -24,6 +24,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from contextlib import nullcontext
@@ -228,9 +229,9 @@ class ElasticZO(torch.optim.Optimizer):
 
     def step(self, closure: Callable | None = None) -> torch.Tensor:  # type: ignore[override]
         """One ElasticZO step; returns the mean loss over all passes (a 0-dim tensor)."""
-        if _torch_step_wrapper_needed(self):
-            return _PROFILED_STEP(self, closure)
-        return self._step(closure)
+        if type(self).step is ElasticZO.step and _torch_step_wrapper_needed(self):
+            return _profiled_step(type(self))(self, closure)
+        return self._step(closure)  # a subclass's own step() is already wrapped by torch.optim
 
     step.hooked = True  # torch.optim must not wrap step() itself: _torch_step_wrapper_needed decides
 
@@ -361,7 +362,10 @@ class ElasticZO(torch.optim.Optimizer):
             g["step"] += 1
 
 
-_PROFILED_STEP = torch.optim.Optimizer.profile_hook_step(ElasticZO._step)  # torch's wrapper: profiler range, step hooks
+@functools.cache
+def _profiled_step(cls: type) -> Callable:
+    """torch's wrapper (profiler range, step hooks) around ``cls._step``, made once per class."""
+    return torch.optim.Optimizer.profile_hook_step(cls._step)
 
 
 def _torch_step_wrapper_needed(opt: ElasticZO) -> bool:

@@ -101,12 +101,14 @@ def axpy(x: torch.Tensor, key: int, offset: int, kind: str, a, out: torch.Tensor
     the native kernel when it loads; everything else (CUDA, other dtypes, ``ELASTICZO_NATIVE=0``)
     through ``directions``, a chunk at a time.
     """
-    out = _out_for(x, out)
+    given, out = out is not None, _out_for(x, out)
     code, n = kind_code(kind), x.numel()
     _check_range(offset, n)
     kernel = _native().kernel_for(x, out)
     if kernel is not None:
         kernel(n, key, offset, code, x.data_ptr(), float(a), out.data_ptr())
+        if given:  # written outside torch: bump its version as torch's in-place ops do
+            torch.autograd.graph.increment_version(out)
         return out
     with torch.no_grad():  # a direction never takes part in autograd (x may be a parameter that requires grad)
         target = out if out.is_contiguous() else torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -132,7 +134,7 @@ def axpy_layer(xs: list[torch.Tensor], key: int, kind: str, scales: list, outs: 
     """``[axpy(x_t, key, o_t, kind, a_t, out_t)]`` with o_t the entries before x_t: one layer's
     tensors as slices of one direction (its flat parameter vector), in one native call where the
     kernel serves them all (the numbers are those of one ``axpy`` per tensor)."""
-    outs = [_out_for(x, None if outs is None else outs[t]) for t, x in enumerate(xs)]
+    given, outs = outs is not None, [_out_for(x, None if outs is None else outs[t]) for t, x in enumerate(xs)]
     code, sizes = kind_code(kind), [x.numel() for x in xs]
     _check_range(0, sum(sizes))
     kernel = _native().layer_kernel_for(xs, outs)
@@ -145,6 +147,8 @@ def axpy_layer(xs: list[torch.Tensor], key: int, kind: str, scales: list, outs: 
     pointers = _native().pointers
     kernel(len(xs), (ctypes.c_int64 * len(xs))(*sizes), key, code, pointers([x.data_ptr() for x in xs]),
            (ctypes.c_float * len(xs))(*[float(a) for a in scales]), pointers([out.data_ptr() for out in outs]))
+    if given:
+        torch.autograd.graph.increment_version(outs)
     return outs
 
 
@@ -160,7 +164,7 @@ class LayerDirections:
 
     def __call__(self, xs: list[torch.Tensor], key: int, kind: str, scales: list, in_place: bool = False) -> list[torch.Tensor]:
         """``axpy_layer(xs, key, kind, scales, xs if in_place else None)``."""
-        seen = [(x.data_ptr(), x.numel(), x.dtype, x.is_contiguous()) for x in xs]
+        seen = [(x.data_ptr(), x.numel(), x.dtype, x.is_contiguous(), x.device) for x in xs]
         if seen != self._seen:
             self._prepare(xs, seen)
         if self._kernel is None:
@@ -168,6 +172,8 @@ class LayerDirections:
         outs = xs if in_place else [torch.empty_like(x) for x in xs]
         out_ptrs = self._xs if in_place else _native().pointers([out.data_ptr() for out in outs])
         self._kernel(len(xs), self._sizes, key, kind_code(kind), self._xs, (ctypes.c_float * len(xs))(*scales), out_ptrs)
+        if in_place:  # as torch's in-place ops do: a graph that saved xs must refuse backward, not use new values
+            torch.autograd.graph.increment_version(xs)
         return outs
 
     def _prepare(self, xs: list[torch.Tensor], seen: list[tuple]) -> None:
