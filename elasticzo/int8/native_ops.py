@@ -241,7 +241,7 @@ def _zo_update_carry(w: torch.Tensor, z: torch.Tensor, d: int, s: int, carry: to
 
 
 def _words(words: torch.Tensor, n: int) -> torch.Tensor:
-    if words.dtype != torch.int32 or words.numel() * 32 < n or words.device.type != "cpu":
+    if words.dtype != torch.int32 or words.numel() * 32 < n or not words.is_cpu:
         raise ValueError(f"need {(n + 31) // 32} int32 random words on the CPU for {n} weights, got "
                          f"{words.numel()} {words.dtype} on {words.device}")
     return words.contiguous()

@@ -95,14 +95,21 @@ def _resolve(impl: str | None, device: torch.device, kind: str) -> str:
     return impl
 
 
+_probed: dict[str, str] | None = None  # the CPU probe's answer, once it ran
+
+
 def choose_impl(device_type: str) -> dict[str, str]:
-    """{"matmul": impl, "conv": impl} for ``"auto"`` on this device type (probed once, then cached)."""
+    """{"matmul": impl, "conv": impl} for ``"auto"`` on this device type (probed once, then cached:
+    each product of a step asks, and entering ``suspended`` each time cost more than the lookup)."""
+    global _probed
     if device_type != "cpu":
         return {"matmul": "int_mm", "conv": "int_mm"}  # _int_mm_usable() still checks each shape
-    from elasticzo.int8.speed_probe import probe  # the probe times this module's functions
+    if _probed is None:
+        from elasticzo.int8.speed_probe import probe  # the probe times this module's functions
 
-    with suspended():  # first reached inside a micro-batched pass: the probe's requantisations are not its sites
-        return probe()
+        with suspended():  # first reached inside a micro-batched pass: the probe's requantisations are not its sites
+            _probed = probe()
+    return _probed
 
 
 def _native_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

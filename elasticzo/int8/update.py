@@ -137,6 +137,11 @@ def rademacher_pieces(n: int, generator: torch.Generator, device: torch.device):
             yield lo + a, lo + b, bits[a:b].view(torch.int8).mul(2).sub_(1)
 
 
+def _part(flat: torch.Tensor, lo: int, hi: int, n: int) -> torch.Tensor:
+    """``flat[lo:hi]``, or ``flat`` itself when that is all n of it (most layers are one round: no view made)."""
+    return flat if hi - lo == n else flat[lo:hi]
+
+
 def perturbed_weight(weight: torch.Tensor, generator: torch.Generator, eps: int) -> torch.Tensor:
     """``perturb_weight(weight, int8_noise(weight.shape, generator), eps)`` without the whole z or its int16 copies.
 
@@ -148,8 +153,9 @@ def perturbed_weight(weight: torch.Tensor, generator: torch.Generator, eps: int)
     if native.active(weight) and weight.is_contiguous():  # z expanded inside the kernel, from the same words
         if not 0 < abs(eps) <= INT8_MAX:
             raise ValueError(f"eps={eps} must be a nonzero integer with |eps| <= {INT8_MAX}")
-        for lo, hi, words in random_word_rounds(w.numel(), generator, weight.device):
-            native_ops.OPS.perturb_words(w[lo:hi], words, eps, flat[lo:hi])
+        n = w.numel()
+        for lo, hi, words in random_word_rounds(n, generator, weight.device):
+            native_ops.OPS.perturb_words(_part(w, lo, hi, n), words, eps, _part(flat, lo, hi, n))
         return out
     for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
         flat[lo:hi] = perturb_weight(w[lo:hi], z, eps)
@@ -165,9 +171,9 @@ def zo_update_(weight: torch.Tensor, generator: torch.Generator, d: torch.Tensor
     """
     w, flat_carry = weight.view(-1), carry.view(-1)
     if native.active(weight) and carry.is_contiguous():  # one kernel per round of random words
-        di, si = int(d), int(s)
-        for lo, hi, words in random_word_rounds(w.numel(), generator, weight.device):
-            native_ops.OPS.zo_update_words(w[lo:hi], words, di, si, flat_carry[lo:hi])
+        di, si, n = int(d), int(s), w.numel()
+        for lo, hi, words in random_word_rounds(n, generator, weight.device):
+            native_ops.OPS.zo_update_words(_part(w, lo, hi, n), words, di, si, _part(flat_carry, lo, hi, n))
         return weight
     d64 = torch.as_tensor(d, dtype=torch.int64, device=weight.device)
     for lo, hi, z in rademacher_pieces(w.numel(), generator, weight.device):
