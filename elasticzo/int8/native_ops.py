@@ -6,7 +6,7 @@ only reached through ``int8.ops`` / ``int8.format`` after ``native.load()`` succ
 ``OPS.name``: that runs the Python implementation directly unless a ``TorchDispatchMode`` (the
 integer-only audit, the memory tracker) or ``torch.compile`` is watching, which then see the
 registered op as before. The dispatcher's round trip costs a few microseconds a call, and an INT8
-ZO step makes about 76 calls; the results are the same function's either way.
+ZO step at batch 64 makes 37 native-op calls; the results are the same function's either way.
 """
 from __future__ import annotations
 
