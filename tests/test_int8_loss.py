@@ -138,3 +138,16 @@ def test_batch_sum_saturates_instead_of_wrapping():
     each = cross_entropy_loss(near, torch.ones(64, dtype=torch.int64), reduction="none")
     assert 0 < each.max().item() < LOSS_MAX and 64 * each[0].item() > LOSS_MAX
     assert cross_entropy_loss(near, torch.ones(64, dtype=torch.int64)).item() == LOSS_MAX
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 1 << 62), st.sampled_from([0, 1, (1 << 62) - 1, 1 << 62, (1 << 32) - 1, 1 << 32])),
+                min_size=0, max_size=70))
+def test_saturating_sum_cpu_ints_equal_the_tensor_halves(entries):
+    """The CPU's Python-integer sum and the device path's 32-bit halves both give min(sum, 2**62)."""
+    from elasticzo.int8.loss import LOSS_MAX, _saturating_sum_on_device, saturating_sum
+
+    loss = torch.tensor(entries, dtype=torch.int64)
+    got, device = saturating_sum(loss), _saturating_sum_on_device(loss)
+    assert got.dtype == device.dtype == torch.int64 and got.dim() == device.dim() == 0
+    assert int(got) == int(device) == min(sum(entries), LOSS_MAX)

@@ -149,9 +149,17 @@ def _add_saturating(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def saturating_sum(loss: torch.Tensor) -> torch.Tensor:
     """min(sum of ``loss``, LOSS_MAX) for int64 entries in 0..LOSS_MAX, exact, never wrapping.
 
-    Summed in two 32-bit halves (each half-sum fits int64 for up to 2**31 entries), then
-    recombined with saturation: integer ops only, no host sync.
-    """
+    On the CPU a batch's losses are summed as Python integers (exact at any size, and cheaper
+    than the dozen 0-dim tensor ops of ``_saturating_sum_on_device``, which a device keeps: no
+    host sync)."""
+    if loss.is_cpu and loss.numel() <= 4096:
+        return torch.scalar_tensor(min(sum(loss.tolist()), LOSS_MAX), dtype=torch.int64)
+    return _saturating_sum_on_device(loss)
+
+
+def _saturating_sum_on_device(loss: torch.Tensor) -> torch.Tensor:
+    """``saturating_sum`` in two 32-bit halves (each half-sum fits int64 for up to 2**31 entries),
+    recombined with saturation: integer tensor ops only."""
     hi = (loss >> 32).sum()
     lo = (loss & 0xFFFFFFFF).sum()
     hi = hi + (lo >> 32)  # < 2**62

@@ -36,7 +36,7 @@ def _cpu(*tensors: torch.Tensor) -> None:
 
 
 def _need(t: torch.Tensor, dtype: torch.dtype, dims: int, name: str) -> torch.Tensor:
-    if t.dtype != dtype or t.dim() != dims or t.device.type != "cpu":
+    if t.dtype != dtype or t.dim() != dims or not t.is_cpu:
         raise TypeError(f"{name} must be a {dims}-d {dtype} CPU tensor, got {t.dim()}-d {t.dtype} on {t.device}")
     return t.contiguous()
 
