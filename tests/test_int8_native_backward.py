@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from elasticzo.int8 import conv, native, ops, pool
 from elasticzo.int8.format import QTensor, requantize_int32
 from elasticzo.int8.layers import IntReLU
+from elasticzo.int8.native_ops import TORCH_OPS
 from elasticzo.int8.update import niti_update
 
 pytestmark = pytest.mark.skipif(native.load() is None, reason="native kernels do not build here (see the log line)")
@@ -122,3 +123,22 @@ def test_niti_update_native_equals_portable(n, kind, fill, mu, seed):
     want = _portable(lambda: niti_update(w, grad, mu))
     got = niti_update(w, grad, mu)
     assert got.dtype == torch.int8 and torch.equal(got, want)
+
+
+def test_conv_weight_gradient_workspace_is_sized_by_the_call_not_by_ten_images():
+    """A micro-batch of one image must not hold scratch for the kernel's whole chunk of images (LeNet
+    conv2: 330,624 B before, for ten images), and the gradient is the same whatever the chunking."""
+    shape = native.shape_array([6, 12, 12, 16, 5, 5, 1, 1, 0, 0])
+    lib = native.lib()
+    one, many = lib.ezo_conv2d_grad_weight_workspace(1, shape), lib.ezo_conv2d_grad_weight_workspace(64, shape)
+    assert one * 5 < many
+    g = torch.randint(-127, 128, (3, 16, 8, 8), dtype=torch.int8)
+    x = torch.randint(0, 128, (3, 6, 12, 12), dtype=torch.int8)
+    whole = _grad_weight(g, x)
+    assert torch.equal(whole, sum(_grad_weight(g[b:b + 1], x[b:b + 1]) for b in range(3)))
+    want = conv.int8_conv2d_grad_weight(g, x, (16, 6, 5, 5), (1, 1), (0, 0), impl="reference")
+    assert torch.equal(whole, want.to(whole.dtype))
+
+
+def _grad_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return TORCH_OPS.conv2d_grad_weight(g, x, [16, 6, 5, 5], [1, 1], [0, 0])

@@ -31,7 +31,7 @@ import torch
 
 log = logging.getLogger("elasticzo.int8")
 SOURCE = Path(__file__).with_name("kernels") / "ezo_int8.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 _I64, _P = ctypes.c_int64, ctypes.c_void_p
 
 
@@ -94,7 +94,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_conv2d": ([_I64, _P, _P, _P, _P, _P], None),
         "ezo_conv2d_requant": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P], _I64),
         "ezo_requant_bits_bytes": ([_I64, _I64], _I64),
-        "ezo_conv2d_grad_weight_workspace": ([_P], _I64),
+        "ezo_conv2d_grad_weight_workspace": ([_I64, _P], _I64),
         "ezo_conv2d_grad_weight": ([_I64, _P, _P, _P, _P, _P, _P], None),
         "ezo_requant_shift": ([_I64, _P], _I64),
         "ezo_requant": ([_I64, _P, _I64, _P], None),

@@ -106,7 +106,7 @@ static int check_grad_weight(const int64_t *shape, int64_t B, int fx) {
     int8_t *x = malloc(nx + 1), *g = malloc(ng + 1);
     int64_t *dw = calloc(s.O * s.K, 8);
     int32_t *tmp = malloc(s.O * s.K * 4 + 4);
-    void *work = malloc(ezo_conv2d_grad_weight_workspace(shape) + 64);
+    void *work = malloc(ezo_conv2d_grad_weight_workspace(B, shape) + 64);
     fill_buf(x, nx, fx); fill_buf(g, ng, 0);
     ezo_conv2d_grad_weight(B, shape, g, x, dw, tmp, work);
     for (int64_t o = 0; o < s.O; o++)

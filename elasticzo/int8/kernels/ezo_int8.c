@@ -390,7 +390,7 @@ EZO_API int64_t ezo_conv2d_requant(int64_t B, const int64_t *shape, const int8_t
 
 #include "ezo_int8_step.c"  /* max-pool, ZO perturbation and update, integer cross-entropy */
 
-EZO_API int ezo_abi_version(void) { return 5; }
+EZO_API int ezo_abi_version(void) { return 6; }
 
 #include "ezo_int8_backward.c"  /* conv weight gradient, pool routing, ReLU mask, NITI update */
 

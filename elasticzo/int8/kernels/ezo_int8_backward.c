@@ -19,16 +19,19 @@ static int gw_wide(const ezo_conv_shape *s) { return s->sh == 1 && s->sw == 1; }
 static int64_t gw_width(const ezo_conv_shape *s) { return gw_wide(s) ? s->W + 2 * s->pw : s->OW; }
 static int64_t gw_pixels(const ezo_conv_shape *s) { return s->OH * gw_width(s); }  /* columns per image */
 
-static int64_t gw_images(const ezo_conv_shape *s) {
+/* Images per chunk: about EZO_GW_PIXELS pixels, but never more than the call's B (a micro-batch of one
+ * image must not hold a workspace sized for ten). */
+static int64_t gw_images(const ezo_conv_shape *s, int64_t B) {
     int64_t c = EZO_GW_PIXELS / gw_pixels(s);
+    if (c > B) c = B;
     return c < 1 ? 1 : c;  /* the caller keeps OH * Wp <= MAX_INT32_TERMS */
 }
 
-static int64_t gw_row(const ezo_conv_shape *s) { return (gw_images(s) * gw_pixels(s) + 15) / 16 * 16; }
+static int64_t gw_row(const ezo_conv_shape *s, int64_t B) { return (gw_images(s, B) * gw_pixels(s) + 15) / 16 * 16; }
 
-EZO_API int64_t ezo_conv2d_grad_weight_workspace(const int64_t *shape) {
+EZO_API int64_t ezo_conv2d_grad_weight_workspace(int64_t B, const int64_t *shape) {
     ezo_conv_shape s = conv_shape(shape);
-    return xp_bytes(&s) + 64 + align64((s.O + s.K) * gw_row(&s) * 2);  /* 64: the last run reads kw - 1 past xp */
+    return xp_bytes(&s) + 64 + align64((s.O + s.K) * gw_row(&s, B) * 2);  /* 64: the last run reads kw - 1 past xp */
 }
 
 /* Append one image's rows at column `off`: G[o][off + oh * V + ow] = g[o][oh][ow] (0 for ow >= OW) and
@@ -115,7 +118,7 @@ EZO_API void ezo_conv2d_grad_weight(int64_t B, const int64_t *shape, const int8_
                                     int32_t *tmp, void *work) {
     (void)tmp;
     ezo_conv_shape s = conv_shape(shape);
-    int64_t L = gw_row(&s), per = gw_images(&s), in = s.C * s.H * s.W;
+    int64_t L = gw_row(&s, B), per = gw_images(&s, B), in = s.C * s.H * s.W;
     int8_t *xp = (int8_t *)work;
     int16_t *G = (int16_t *)((char *)work + xp_bytes(&s) + 64), *R = G + s.O * L;
     memset(dw, 0, (size_t)(s.O * s.K) * sizeof(int64_t));
