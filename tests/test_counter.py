@@ -18,8 +18,8 @@ from elasticzo.models import MLP
 from elasticzo.optim.closure import pass_rng
 from elasticzo.optim.elastic import ElasticZO
 from elasticzo.zo import native
-from elasticzo.zo.counter import GAUSS_SCALE, MAX_ELEMENTS, LayerDirections, axpy, directions
-from elasticzo.zo.noise import derive_seed, derive_seeds, layer_axpy, layer_noise
+from elasticzo.zo.counter import GAUSS_SCALE, MAX_ELEMENTS, LayerDirections, axpy, axpy_layer, directions
+from elasticzo.zo.noise import derive_seed, derive_seeds, layer_noise
 
 FAST = settings(max_examples=60, deadline=None)
 KINDS = ("gaussian", "rademacher")
@@ -90,7 +90,7 @@ def test_layer_directions_run_across_its_parameters():
     z = layer_noise([weight, bias], 99, "gaussian")
     flat = directions(99, 0, 16, "gaussian")
     assert torch.equal(z[0].reshape(-1), flat[:12]) and torch.equal(z[1], flat[12:])
-    shifted = layer_axpy([weight, bias], 99, "gaussian", [1.0, 2.0])
+    shifted = axpy_layer([weight, bias], 99, "gaussian", [1.0, 2.0])
     assert torch.equal(shifted[0], z[0]) and torch.equal(shifted[1], 0 + 2.0 * z[1])
 
 

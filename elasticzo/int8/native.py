@@ -95,7 +95,7 @@ def _bind(path: Path) -> ctypes.CDLL:
         "ezo_conv2d_requant": ([_I64, _P, _P, _P, _P, _P, _P, _P, _P, _P], _I64),
         "ezo_requant_bits_bytes": ([_I64, _I64], _I64),
         "ezo_conv2d_grad_weight_workspace": ([_I64, _P], _I64),
-        "ezo_conv2d_grad_weight": ([_I64, _P, _P, _P, _P, _P, _P], None),
+        "ezo_conv2d_grad_weight": ([_I64, _P, _P, _P, _P, _P], None),
         "ezo_requant_shift": ([_I64, _P], _I64),
         "ezo_requant": ([_I64, _P, _I64, _P], None),
         "ezo_maxpool2d": ([_I64] * 7 + [_P, _P, _P], None),

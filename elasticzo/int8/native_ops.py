@@ -119,7 +119,7 @@ def _conv2d_grad_weight(g: torch.Tensor, x: torch.Tensor, weight_shape: list[int
     dw = torch.empty(weight_shape, dtype=torch.int64)
     lib = native.lib()
     work, p = _workspace(lib.ezo_conv2d_grad_weight_workspace(x.shape[0], shape)), native.ptr
-    lib.ezo_conv2d_grad_weight(x.shape[0], shape, p(g), p(x), p(dw), None, p(work))
+    lib.ezo_conv2d_grad_weight(x.shape[0], shape, p(g), p(x), p(dw), p(work))
     return dw
 
 

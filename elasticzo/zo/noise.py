@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from elasticzo.zo.counter import axpy_layer, directions
+from elasticzo.zo.counter import directions
 
 _MASK64 = (1 << 64) - 1
 
@@ -98,18 +98,10 @@ def random_bits(n: int, generator: torch.Generator, device: torch.device) -> tor
 def layer_noise(params: list[torch.Tensor], key: int, kind: str) -> list[torch.Tensor]:
     """The direction ``key`` of one layer, materialised (float32, shaped like each parameter): the
     entries of the layer's flat parameter vector, parameter after parameter. For the reference
-    twin and tests; the optimiser uses ``layer_axpy``, which never stores z."""
+    twin and tests; the optimiser uses ``counter.LayerDirections``, which never stores z."""
     out, offset = [], 0
     for p in params:
         out.append(directions(key, offset, p.numel(), kind, p.device).view(p.shape))
         offset += p.numel()
     return out
 
-
-def layer_axpy(xs: list[torch.Tensor], key: int, kind: str, scales, outs: list | None = None) -> list[torch.Tensor]:
-    """[x + a * z_x] for the parameters ``xs`` of one layer (z_x: x's slice of the layer's direction
-    ``key``); ``scales`` is one number / 0-dim tensor or one per parameter; ``outs`` (e.g. ``xs``
-    for an in-place update) or new tensors receive the results."""
-    if not isinstance(scales, (list, tuple)):
-        scales = [scales] * len(xs)
-    return axpy_layer(xs, key, kind, scales, outs)

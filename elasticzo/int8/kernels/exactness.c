@@ -105,10 +105,9 @@ static int check_grad_weight(const int64_t *shape, int64_t B, int fx) {
     int64_t nx = B * s.C * s.H * s.W, ng = B * s.O * s.N, bad = 0;
     int8_t *x = malloc(nx + 1), *g = malloc(ng + 1);
     int64_t *dw = calloc(s.O * s.K, 8);
-    int32_t *tmp = malloc(s.O * s.K * 4 + 4);
     void *work = malloc(ezo_conv2d_grad_weight_workspace(B, shape) + 64);
     fill_buf(x, nx, fx); fill_buf(g, ng, 0);
-    ezo_conv2d_grad_weight(B, shape, g, x, dw, tmp, work);
+    ezo_conv2d_grad_weight(B, shape, g, x, dw, work);
     for (int64_t o = 0; o < s.O; o++)
         for (int64_t k = 0; k < s.K; k++) {
             int64_t c = k / (s.kh * s.kw), i = (k / s.kw) % s.kh, j = k % s.kw, want = 0;
@@ -120,7 +119,7 @@ static int check_grad_weight(const int64_t *shape, int64_t B, int fx) {
                 }
             bad |= dw[o * s.K + k] != want;
         }
-    free(x); free(g); free(dw); free(tmp); free(work);
+    free(x); free(g); free(dw); free(work);
     return (int)bad;
 }
 

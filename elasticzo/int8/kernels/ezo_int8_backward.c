@@ -113,10 +113,9 @@ static void gw_products(const ezo_conv_shape *s, const int16_t *G, const int16_t
 #endif
 
 /* dw[O, C, kh, kw] (int64) = the conv weight gradient summed over B images of g[B, O, OH, OW] and
- * x[B, C, H, W] (as conv.int8_conv2d_grad_weight). tmp is unused (kept for the ABI of version 3). */
+ * x[B, C, H, W] (as conv.int8_conv2d_grad_weight). */
 EZO_API void ezo_conv2d_grad_weight(int64_t B, const int64_t *shape, const int8_t *g, const int8_t *x, int64_t *dw,
-                                    int32_t *tmp, void *work) {
-    (void)tmp;
+                                    void *work) {
     ezo_conv_shape s = conv_shape(shape);
     int64_t L = gw_row(&s, B), per = gw_images(&s, B), in = s.C * s.H * s.W;
     int8_t *xp = (int8_t *)work;
